@@ -1,0 +1,125 @@
+"""The `medsd` command: argument wiring only; every command calls one medsd function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import click
+
+from medsd.config import DemoConfig, ModelConfig, PhantomConfig, load_config
+
+CONFIG_OPTION = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, help="YAML config file"
+)
+SET_OPTION = click.option(
+    "--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="override a config field (repeatable)"
+)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def main(verbose: bool) -> None:
+    """medsd: fine-tune, bulk-generate, serve and evaluate synthetic chest radiographs on Ray."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@main.group()
+def data() -> None:
+    """Inspect CheXpert-style datasets."""
+
+
+@data.command("inspect")
+@click.argument("csv", type=click.Path(dir_okay=False))
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="folder the CSV's Paths are under")
+@click.option("--no-images", is_flag=True, help="skip checking that images exist and decode")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON")
+def data_inspect(csv: str, root: str | None, no_images: bool, as_json: bool) -> None:
+    """Validate CSV and its images and summarise the labels; exit 1 when errors are found."""
+    from medsd.data import inspect_dataset
+
+    inspection = _run_or_exit(lambda: inspect_dataset(csv, root, check_images=not no_images))
+    click.echo(json.dumps(inspection.to_dict(), indent=2) if as_json else inspection.to_text())
+    sys.exit(1 if inspection.has_errors else 0)
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--n", "n_images", type=int, default=None, help="number of images (train + valid)")
+@click.option("--size", "image_size_px", type=int, default=None, help="image side in pixels")
+@click.option("--seed", type=int, default=None, help="random seed")
+@CONFIG_OPTION
+@SET_OPTION
+def phantom(out: str, n_images, image_size_px, seed, config_path, overrides) -> None:
+    """Write the phantom CheXpert-style dataset to OUT."""
+    from medsd.phantom import write_phantom
+
+    flags = {"n_images": n_images, "image_size_px": image_size_px, "seed": seed}
+    cfg = _load(PhantomConfig, config_path, [*overrides, *_flag_overrides(flags)])
+    summary = _run_or_exit(lambda: write_phantom(out, cfg))
+    click.echo(
+        f"phantom: {summary.n_train} train + {summary.n_valid} valid images "
+        f"({summary.n_lateral} lateral) in {summary.seconds:.1f} s -> {summary.out}"
+    )
+
+
+@main.group()
+def model() -> None:
+    """Build and describe models."""
+
+
+@model.command("build")
+@CONFIG_OPTION
+@SET_OPTION
+def model_build(config_path, overrides) -> None:
+    """Resolve (and for 'tiny', build and cache) the model; print its folder and content hash."""
+    from medsd.models import model_hash, resolve_model_dir
+
+    cfg = _load(ModelConfig, config_path, list(overrides))
+    model_dir = _run_or_exit(lambda: resolve_model_dir(cfg.model, cfg.cache_dir))
+    click.echo(f"model {cfg.model}: {model_dir} (hash {model_hash(model_dir)})")
+
+
+@main.command()
+@click.option("--out", default=None, help="output folder (default medsd-demo)")
+@CONFIG_OPTION
+@SET_OPTION
+def demo(out, config_path, overrides) -> None:
+    """Run medsd end to end on the embedded defaults: phantom data, tiny model, samples."""
+    from medsd.demo import run_demo
+
+    cfg = _load(DemoConfig, config_path, [*overrides, *_flag_overrides({"out": out})])
+    result = _run_or_exit(lambda: run_demo(cfg))
+    click.echo(
+        "\n".join(
+            [
+                "medsd demo finished:",
+                f"  phantom dataset  {result.phantom.out}",
+                f"  model            {result.model_dir}",
+                f"  sample grid      {result.grid_path}",
+            ]
+        )
+    )
+
+
+def _flag_overrides(flags: dict) -> list[str]:
+    """Flags the user gave, as key=value overrides applied after --set (flags win)."""
+    return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]
+
+
+def _load(config_class, config_path, overrides):
+    return _run_or_exit(lambda: load_config(config_class, config_path, overrides))
+
+
+def _run_or_exit(action):
+    """Turn a user error into a one-line message and exit code 2 instead of a traceback."""
+    try:
+        return action()
+    except (ValueError, FileNotFoundError, PermissionError) as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)

@@ -1,0 +1,27 @@
+"""Connect to the Ray cluster a job runs on, or start a local one on demand."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+# Ray's own test fixtures ask for 4 logical CPUs on small machines: with only 2, a 2-worker
+# TorchTrainer beside a lazy Ray Data step waits forever for resources (notes/ray-2.60.md).
+MIN_LOCAL_CPUS = 4
+
+
+def ensure_ray() -> None:
+    """Join RAY_ADDRESS (set by `ray job submit`) if given, else start a local Ray sized to this machine."""
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    num_cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+    log.info("starting a local Ray with %d logical CPUs", num_cpus)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
