@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from medsd.labels import CHEXPERT_OBSERVATIONS, PROJECTIONS, VIEWS, UncertaintyPolicy
+from medsd.labels import PROJECTIONS, VIEWS, UncertaintyPolicy
 
 
 class StrictModel(BaseModel):
@@ -29,8 +29,13 @@ class DataConfig(StrictModel):
     root: str | None = Field(
         None, description="folder the CSV's Paths are relative to (the dataset folder or its parent)"
     )
-    observations: list[str] = Field(
-        default_factory=lambda: list(CHEXPERT_OBSERVATIONS), description="label columns to use, in order"
+    label_columns: list[str] | None = Field(
+        None,
+        description="label columns of a non-CheXpert image set (e.g. [RG, NRG]; its CSV is Path + these); "
+        "None means the CheXpert schema",
+    )
+    observations: list[str] | None = Field(
+        None, description="label columns to use, in order; None means every label of the schema"
     )
     uncertainty_policy: UncertaintyPolicy = Field(
         UncertaintyPolicy.IGNORE, description="what an uncertain (-1) label means: U-Ignore, U-Zeros or U-Ones"
