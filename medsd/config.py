@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medsd.labels import PROJECTIONS, VIEWS, UncertaintyPolicy
+from medsd.labels import CHEXPERT_OBSERVATIONS, COMPETITION_FIVE, PROJECTIONS, VIEWS, UncertaintyPolicy
 
 
 class StrictModel(BaseModel):
@@ -69,6 +69,16 @@ class PhantomConfig(StrictModel):
     lateral_fraction: float = Field(0.15, ge=0.0, le=1.0, description="share of studies that also get a lateral view")
 
 
+class AdapterConfig(StrictModel):
+    """A LoRA or textual-inversion output loaded on top of a base model."""
+
+    name: str = Field(description="what requests and per-label maps call this adapter", pattern=r"^[\w.-]+$")
+    path: str = Field(
+        description="a folder with pytorch_lora_weights.safetensors (LoRA) or learned_embeds.safetensors "
+        "(textual inversion), as `medsd train` writes them"
+    )
+
+
 class ModelConfig(StrictModel):
     """Which Stable Diffusion pipeline to load and on what device and precision."""
 
@@ -79,6 +89,9 @@ class ModelConfig(StrictModel):
     )
     cache_dir: str | None = Field(
         None, description="where the embedded tiny model is built and cached (default ~/.cache/medsd)"
+    )
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list, description="LoRA / textual-inversion outputs to load on top of the model"
     )
 
 
@@ -91,6 +104,406 @@ class DemoConfig(StrictModel):
     grid_seed: int = Field(0, description="seed of the first sample-grid image (one seed per cell after it)")
     grid_steps: int = Field(20, ge=1, le=1000, description="denoising steps per sample-grid image")
     guidance_scale: float = Field(4.0, ge=0.0, le=30.0, description="classifier-free guidance of the grid")
+
+
+# Bounds of one POST /v1/generate (issue 5): the API contract, shared by the request schema and ServeConfig.
+MAX_IMAGES_PER_REQUEST = 8
+MAX_STEPS_PER_REQUEST = 150
+MAX_GUIDANCE_SCALE = 20.0
+
+
+class ServeConfig(StrictModel):
+    """`medsd serve` / `serve deploy`: the HTTP API, its protection, batching and replicas."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    host: str = Field("127.0.0.1", description="address the HTTP proxy binds; 0.0.0.0 exposes it to the network")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    api_key_env: str = Field(
+        "MEDSD_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the API key; when it is set (non-empty) on the ingress, every "
+        "route but /healthz requires the key",
+    )
+    max_batch_images: int = Field(
+        16, ge=MAX_IMAGES_PER_REQUEST, le=256, description="images one generator replica runs in one batch"
+    )
+    batch_wait_timeout_s: float = Field(
+        0.02, ge=0.0, le=10.0, description="how long a batch waits for more requests before it runs"
+    )
+    max_ongoing_requests: int = Field(
+        16, ge=1, description="requests one generator replica holds at once (running plus filling the next batch)"
+    )
+    max_queued_requests: int = Field(
+        64, ge=1, description="requests waiting for a generator replica; beyond it the API answers 503"
+    )
+    retry_after_s: int = Field(5, ge=0, description="Retry-After header (seconds) of a 503 overload answer")
+    ingress_max_ongoing_requests: int = Field(
+        256, ge=1, description="HTTP requests one ingress replica holds at once (it only waits on generators)"
+    )
+    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest generator replicas")
+    max_replicas: int = Field(1, ge=1, description="autoscaling: most generator replicas")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0.0, description="autoscaling: ongoing requests per generator replica to scale towards"
+    )
+    num_cpus: float = Field(
+        2.0, ge=0.0, description="CPUs per generator replica (Ray gives torch this many threads on CPU)"
+    )
+    num_gpus: float = Field(0.0, ge=0.0, description="GPUs per generator replica (1 on a GPU cluster)")
+    max_prompt_chars: int = Field(500, ge=1, le=100_000, description="longest prompt or negative_prompt accepted")
+    max_body_bytes: int = Field(16_384, ge=1024, description="largest request body accepted (413 above it)")
+    default_steps: int = Field(
+        25, ge=1, le=MAX_STEPS_PER_REQUEST, description="denoising steps when a request omits them"
+    )
+    default_guidance_scale: float = Field(
+        4.0, ge=0.0, le=MAX_GUIDANCE_SCALE, description="classifier-free guidance when a request omits it"
+    )
+    default_sampler: str = Field("ddim", description="sampler when a request omits it (one of medsd.models.SAMPLERS)")
+
+    @field_validator("max_ongoing_requests")
+    @classmethod
+    def _ongoing_fills_a_batch(cls, value: int, info) -> int:
+        # Serve only warns when max_ongoing_requests < max_batch_size, and batches then never fill.
+        batch_images = info.data.get("max_batch_images")
+        if batch_images is not None and value < batch_images:
+            raise ValueError(
+                f"serve.max_ongoing_requests={value} is below serve.max_batch_images={batch_images}; "
+                "a replica could never fill a batch"
+            )
+        return value
+
+    @field_validator("max_replicas")
+    @classmethod
+    def _replica_range(cls, value: int, info) -> int:
+        min_replicas = info.data.get("min_replicas")
+        if min_replicas is not None and value < min_replicas:
+            raise ValueError(f"serve.max_replicas={value} is below serve.min_replicas={min_replicas}")
+        return value
+
+
+class GenerateConfig(StrictModel):
+    """`medsd generate`: a synthetic CheXpert-style dataset (PNG tree, parquet, train.csv, manifest).
+
+    Content fields (plan, labels, counts, sampling, seed, model) decide every image; execution fields
+    (batch_size, num_actors, num_gpus_per_actor, cpus_per_actor) only decide how fast they come.
+    """
+
+    out: str = Field("medsd-synthetic", description="output folder or pyarrow filesystem URI (file://, s3://, ...)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    plan: Literal["per_label", "match", "prompts"] = Field(
+        "per_label",
+        description="per_label: N single-finding images per label plus No Finding; match: label vectors, views, "
+        "sex and age sampled from source.csv; prompts: N images per prompt of `prompts`",
+    )
+    labels: list[str] = Field(
+        default_factory=lambda: list(COMPETITION_FIVE),
+        description="per_label: the observations to generate (CheXpert names); No Finding is always added",
+    )
+    per_label: int = Field(100, ge=1, description="per_label: images per label; prompts: images per prompt")
+    n_images: int = Field(1000, ge=1, description="match: images sampled from the source CSV's rows")
+    source: DataConfig = Field(
+        default_factory=DataConfig, description="match: the real CheXpert-style CSV whose rows are sampled"
+    )
+    prompts: list[str] = Field(
+        default_factory=list,
+        description="prompts: prompts in medsd's grammar, e.g. 'a frontal PA chest x-ray showing edema'",
+    )
+    views: dict[Literal["Frontal", "Lateral"], float] = Field(
+        default_factory=lambda: {"Frontal": 1.0}, description="per_label: share of images per view (normalised)"
+    )
+    projection: Literal["AP", "PA"] | None = Field("PA", description="per_label: AP/PA of frontal images")
+    identifier: str | None = Field(
+        None, description="the DreamBooth identifier word the model was fine-tuned with (e.g. sks), put in prompts"
+    )
+    negative_prompt: str = Field("", description="what every image should not show; empty means unconditional")
+    steps: int = Field(25, ge=1, le=1000, description="denoising steps per image")
+    sampler: str = Field("dpm++", description="ddim, dpm++ (DPM-Solver++) or euler")
+    guidance_scales: list[float] = Field(
+        default_factory=lambda: [4.0],
+        description="classifier-free guidance scales; several make a sweep (every image at each, tagged)",
+    )
+    seed: int = Field(0, ge=0, description="the plan's seed: every image's own seed derives from it and its id")
+    label_adapters: dict[str, str] = Field(
+        default_factory=dict,
+        description="label -> name of an adapter in model.adapters to generate it with; others use the base model",
+    )
+    rows_per_shard: int = Field(
+        256, ge=1, description="rows per parquet file; a file is written once all its images exist (unit of resume)"
+    )
+    batch_size: int = Field(8, ge=1, description="images per pipeline call in an actor")
+    num_actors: int = Field(1, ge=1, description="generator actors (pipelines) in the Ray Data actor pool")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs each actor reserves (1 on a GPU cluster)")
+    cpus_per_actor: float = Field(
+        2.0, gt=0.0, description="CPUs each actor reserves; on CPU it is also the actor's torch thread count"
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, value: list[str]) -> list[str]:
+        unknown = [label for label in value if label not in CHEXPERT_OBSERVATIONS]
+        if unknown:
+            raise ValueError(
+                f"generate.labels: unknown {unknown}; expected CheXpert observations: {', '.join(CHEXPERT_OBSERVATIONS)}"
+            )
+        duplicates = sorted({label for label in value if value.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"generate.labels: {duplicates} listed more than once")
+        return value
+
+    @field_validator("guidance_scales")
+    @classmethod
+    def _guidance_in_range(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("generate.guidance_scales: empty; give at least one scale, e.g. [4.0]")
+        problems = [
+            f"generate.guidance_scales[{i}]: got {scale}; expected 0 <= scale <= {MAX_GUIDANCE_SCALE}"
+            for i, scale in enumerate(value)
+            if not 0.0 <= scale <= MAX_GUIDANCE_SCALE
+        ]
+        if len(set(value)) != len(value):
+            problems.append(f"generate.guidance_scales: {value} repeats a scale (each gives the same images)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @field_validator("views")
+    @classmethod
+    def _views_have_weight(cls, value: dict[str, float]) -> dict[str, float]:
+        if any(share < 0 for share in value.values()) or sum(value.values()) <= 0:
+            raise ValueError(f"generate.views: got {value}; expected shares >= 0 with a positive sum")
+        return value
+
+    @model_validator(mode="after")
+    def _plan_inputs_present(self) -> GenerateConfig:
+        problems = []
+        if self.plan == "match" and self.source.csv is None:
+            problems.append("generate.source.csv: the match plan samples a real CSV; set source.csv")
+        if self.plan == "prompts" and not self.prompts:
+            problems.append("generate.prompts: the prompts plan needs at least one prompt")
+        adapter_names = {adapter.name for adapter in self.model.adapters}
+        for label, adapter in self.label_adapters.items():
+            if label not in CHEXPERT_OBSERVATIONS:
+                problems.append(f"generate.label_adapters: unknown label {label!r}")
+            if adapter not in adapter_names:
+                problems.append(
+                    f"generate.label_adapters.{label}: adapter {adapter!r} is not in model.adapters "
+                    f"(names: {sorted(adapter_names) or 'none'})"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class OptimConfig(StrictModel):
+    """AdamW and its learning-rate schedule (fp32 master weights whatever the autocast dtype)."""
+
+    learning_rate: float = Field(
+        1e-4, gt=0.0, description="peak learning rate of the trained UNet / adapter / embeddings"
+    )
+    text_encoder_learning_rate: float | None = Field(
+        None, gt=0.0, description="peak learning rate of the text encoder when it trains; None means learning_rate"
+    )
+    weight_decay: float = Field(1e-2, ge=0.0, description="AdamW decoupled weight decay")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW first-moment decay")
+    beta2: float = Field(0.999, ge=0.0, lt=1.0, description="AdamW second-moment decay")
+    epsilon: float = Field(1e-8, gt=0.0, description="AdamW denominator epsilon")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="learning-rate shape after warmup: constant, linear to 0 or cosine to 0"
+    )
+    warmup_steps: int = Field(0, ge=0, description="optimizer steps of linear warmup from 0 to learning_rate")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="clip the gradient norm to this; None: no clipping")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches summed into one optimizer step")
+
+
+class LoraConfig(StrictModel):
+    """peft LoRA adapters (method=lora)."""
+
+    rank: int = Field(4, ge=1, le=1024, description="LoRA rank r of every adapted layer")
+    alpha: float = Field(4.0, gt=0.0, description="LoRA scale numerator: the update is (alpha / rank) * B @ A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the LoRA branch input")
+    unet_target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description="UNet module names that get adapters (attention projections by default)",
+    )
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+        description="CLIP text-encoder module names that get adapters when train_text_encoder is true",
+    )
+
+
+class TextualInversionConfig(StrictModel):
+    """New placeholder tokens, one per label (method=textual_inversion)."""
+
+    num_vectors: int = Field(1, ge=1, le=16, description="embedding vectors per placeholder token")
+    initializer_word: str = Field(
+        "chest", min_length=1, description="each placeholder starts as the mean embedding of this word's tokens"
+    )
+
+
+class DreamBoothConfig(StrictModel):
+    """Instance training with an identifier and prior preservation (conditioning=instance or per_label)."""
+
+    identifier: str | None = Field(
+        "sks", description="rare word put before the subject in instance prompts; None: no identifier"
+    )
+    prior_preservation: bool = Field(True, description="also train on a class set so the model keeps its prior")
+    prior_loss_weight: float = Field(
+        1.0, ge=0.0, description="weight of the class-set loss relative to the instance loss"
+    )
+    class_source: Literal["no_finding", "generated"] = Field(
+        "no_finding", description="class set: real No Finding images from the data, or images the base model generates"
+    )
+    num_class_images: int = Field(100, ge=1, description="size of the class set (real images are sampled by seed)")
+    class_sampling_steps: int = Field(25, ge=1, le=1000, description="denoising steps per generated class image")
+    class_guidance_scale: float = Field(5.0, ge=0.0, le=30.0, description="guidance of the generated class images")
+
+
+class CheckpointConfig(StrictModel):
+    """Ray Train checkpoints: how often, how many, and where (a fixed run name makes a rerun resume)."""
+
+    every_n_steps: int = Field(100, ge=1, description="save and report a checkpoint every this many optimizer steps")
+    num_to_keep: int = Field(2, ge=1, description="newest checkpoints Ray keeps; older ones are deleted")
+    storage_path: str | None = Field(
+        None, description="Ray Train storage (shared on multi-node clusters); None means <out>/checkpoints"
+    )
+    run_name: str = Field(
+        "medsd-train", pattern=r"^[\w.-]+$", description="Ray run name; rerunning with the same name resumes"
+    )
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1 is unlimited")
+
+
+class ValidationConfig(StrictModel):
+    """Sample grids (one row per label, fixed seeds) during and after training."""
+
+    every_n_steps: int = Field(
+        0, ge=0, description="grid every this many steps (with the checkpoint); 0: at the end only"
+    )
+    labels: list[str] | None = Field(None, description="grid rows; None means the trained labels plus No Finding")
+    images_per_label: int = Field(4, ge=1, le=16, description="grid columns, one seed each")
+    seed: int = Field(0, description="seed of the first column; column c uses seed + c in every row")
+    steps: int = Field(20, ge=1, le=1000, description="denoising steps per grid image")
+    guidance_scale: float = Field(4.0, ge=0.0, le=30.0, description="classifier-free guidance of the grid")
+    sampler: Literal["ddim", "dpm++", "euler"] = Field(
+        "dpm++", description="sampler of grids and generated class images"
+    )
+
+
+class ScalingConfig(StrictModel):
+    """Ray Train workers (data parallel)."""
+
+    num_workers: int = Field(
+        1, ge=0, description="Ray Train workers; 0 runs the loop in the driver (debugging: Ray keeps no checkpoints)"
+    )
+    use_gpu: bool = Field(False, description="one GPU slice per worker and the nccl backend (gloo on CPU)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs per worker; torch uses this many threads")
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs per worker when use_gpu is true")
+
+
+TRAIN_METHODS = ("dreambooth", "lora", "textual_inversion")
+
+
+class TrainConfig(StrictModel):
+    """`medsd train`: fine-tune a Stable Diffusion model on labelled radiographs with Ray Train."""
+
+    out: str = Field("medsd-train", description="output folder: model, grids, metrics, checkpoints, caches")
+    method: Literal["dreambooth", "lora", "textual_inversion"] = Field(
+        "lora", description="what learns: dreambooth (the UNet), lora (adapters) or textual_inversion (new tokens)"
+    )
+    conditioning: Literal["labels", "instance", "per_label"] = Field(
+        "labels",
+        description="labels: every image with its labels' prompt; instance: one label with an identifier "
+        "(DreamBooth); per_label: one instance run per label into <out>/<label-slug>/",
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="labels prompts may name (labels), the one instance label (instance) or one run each "
+        "(per_label); textual inversion adds one token per label. None: data.observations except No Finding",
+    )
+    data: DataConfig = Field(default_factory=DataConfig, description="training images; data.csv None means the phantom")
+    phantom: PhantomConfig = Field(
+        default_factory=PhantomConfig, description="the phantom written to <out>/phantom when data.csv is None"
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
+    train_text_encoder: bool = Field(False, description="dreambooth/lora: the text encoder (or its LoRA) learns too")
+    max_steps: int = Field(
+        1000, ge=1, description="optimizer steps in total (resumed runs count from their checkpoint)"
+    )
+    batch_size: int = Field(8, ge=1, description="images per worker per micro-batch")
+    seed: int = Field(0, description="seeds data order, noise, dropout and initialisation")
+    empty_prompt_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="share of samples trained with the empty prompt (classifier-free guidance)"
+    )
+    include_view: bool = Field(True, description="prompts name the view and projection (frontal PA, lateral)")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    snr_gamma: float | None = Field(None, gt=0.0, description="min-SNR loss weighting gamma (5 is usual); None: off")
+    noise_offset: float = Field(0.0, ge=0.0, le=1.0, description="offset noise scale (per-channel constant added)")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None, description="what the UNet predicts; None means the base model's scheduler setting"
+    )
+    ema_decay: float | None = Field(
+        None, gt=0.0, lt=1.0, description="EMA of the trained weights (e.g. 0.999); None: off"
+    )
+    cache_latents: bool = Field(
+        True, description="encode images with the VAE once (Ray Data, parquet) and train from that"
+    )
+    cache_text_embeddings: bool = Field(
+        True, description="encode prompts once when valid: frozen text encoder and no new tokens"
+    )
+    log_every_n_steps: int = Field(10, ge=1, description="log step, loss and samples/s every this many steps")
+    log_sample_ids: bool = Field(False, description="record each step's sample ids in metrics.csv (audits resume)")
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA settings (method=lora)")
+    textual_inversion: TextualInversionConfig = Field(
+        default_factory=TextualInversionConfig, description="placeholder tokens (method=textual_inversion)"
+    )
+    dreambooth: DreamBoothConfig = Field(
+        default_factory=DreamBoothConfig,
+        description="identifier and prior preservation (conditioning=instance/per_label)",
+    )
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="checkpoints and resume")
+    validation: ValidationConfig = Field(default_factory=ValidationConfig, description="sample grids")
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig, description="Ray Train workers")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        problems = []
+        labels = self.labels or []
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            problems.append(f"labels: duplicates {duplicates}")
+        if self.labels is not None and not self.labels:
+            problems.append("labels: empty list; give at least one label or leave it unset")
+        if self.conditioning == "instance" and self.labels is not None and len(self.labels) != 1:
+            problems.append(f"labels: conditioning='instance' trains exactly one label, got {self.labels}")
+        if self.conditioning != "labels" and "No Finding" in labels:
+            problems.append(
+                "labels: 'No Finding' cannot be an instance label; it is the class set of prior preservation"
+            )
+        if self.method == "textual_inversion" and self.train_text_encoder:
+            problems.append(
+                "train_text_encoder: textual_inversion trains only its placeholder embeddings; set it false"
+            )
+        if self.method == "textual_inversion" and self.conditioning != "labels" and self.dreambooth.prior_preservation:
+            problems.append(
+                "dreambooth.prior_preservation: class prompts hold no placeholder token, so textual inversion learns "
+                "nothing from them; set dreambooth.prior_preservation=false"
+            )
+        if self.optim.warmup_steps >= self.max_steps:
+            problems.append(f"optim.warmup_steps: {self.optim.warmup_steps} must be below max_steps={self.max_steps}")
+        if self.scaling.use_gpu and self.model.device == "cpu":
+            problems.append("scaling.use_gpu: true but model.device='cpu'; set model.device to auto or cuda")
+        if self.model.device == "cuda" and not self.scaling.use_gpu and self.scaling.num_workers > 0:
+            problems.append("model.device: 'cuda' needs scaling.use_gpu=true, or Ray gives the workers no GPU")
+        if self.model.adapters:
+            problems.append("model.adapters: training starts from a base model; load adapters when generating")
+        if self.data.observations is not None:
+            for field, names in (("labels", labels), ("validation.labels", self.validation.labels or [])):
+                # No Finding may title a grid row without being a training column: its prompt names no finding.
+                unknown = [n for n in names if n not in self.data.observations and n != "No Finding"]
+                if unknown:
+                    problems.append(f"{field}: {unknown} are not in data.observations {self.data.observations}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
