@@ -120,6 +120,6 @@ def _run_or_exit(action):
     """Turn a user error into a one-line message and exit code 2 instead of a traceback."""
     try:
         return action()
-    except (ValueError, FileNotFoundError, PermissionError) as error:
+    except (ValueError, OSError) as error:  # bad input, missing or clashing files
         click.echo(f"error: {error}", err=True)
         sys.exit(2)

@@ -1,0 +1,31 @@
+import numpy as np
+import pytest
+
+from medsd.config import ModelConfig
+from medsd.models import load_pipeline
+from medsd.sampling import sample_images, to_grayscale_uint8
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return load_pipeline(ModelConfig(model=str(tiny_model_dir), device="cpu"))
+
+
+def test_an_image_depends_on_its_seed_not_its_batch(pipe):
+    prompts = ["a frontal chest x-ray showing edema", "a frontal chest x-ray with no finding"]
+    together = sample_images(pipe, prompts, [11, 12], steps=2, guidance_scale=3.0)
+    alone = sample_images(pipe, prompts[1:], [12], steps=2, guidance_scale=3.0)
+    assert together.shape == (2, 64, 64) and together.dtype == np.uint8
+    np.testing.assert_array_equal(together[1], alone[0])
+    other_seed = sample_images(pipe, prompts[1:], [13], steps=2, guidance_scale=3.0)
+    assert not np.array_equal(other_seed[0], alone[0])
+
+
+def test_mismatched_seeds_are_refused(pipe):
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        sample_images(pipe, ["a", "b"], [1], steps=2, guidance_scale=1.0)
+
+
+def test_grayscale_conversion_rounds_and_clips():
+    images = np.array([[[[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], [[0.5, 0.5, 0.5], [1.2, 1.2, 1.2]]]])
+    np.testing.assert_array_equal(to_grayscale_uint8(images), [[[0, 255], [128, 255]]])
