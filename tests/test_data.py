@@ -408,6 +408,26 @@ def test_ray_dataset_rows(tmp_path: Path, local_ray: None) -> None:
     assert rows[1]["mask"].tolist() == [0.0, 1.0]  # Cardiomegaly -1.0 under U-Ignore
 
 
+def test_ray_dataset_from_the_phantom(tmp_path: Path, local_ray: None) -> None:
+    from medsd.config import PhantomConfig
+    from medsd.labels import COMPETITION_FIVE
+    from medsd.phantom import write_phantom
+
+    write_phantom(tmp_path / "phantom", PhantomConfig(n_images=30, image_size_px=48, seed=5))
+    images = load_dataset(
+        DataConfig(csv=str(tmp_path / "phantom" / "train.csv"), observations=list(COMPETITION_FIVE), image_size_px=32)
+    )
+    rows = images.to_ray_dataset().take_all()
+    assert len(rows) == len(images.frame) > 0
+    by_path = {row["Path"]: row for row in rows}
+    targets, _ = images.targets_and_mask()
+    for path, expected in zip(images.frame["Path"], targets, strict=True):
+        assert by_path[path]["image"].shape == (32, 32)
+        assert by_path[path]["targets"].tolist() == expected.tolist()
+        # The decoded pixels are the PNG on disk, resized: a bright thorax, not an empty frame.
+        assert by_path[path]["image"].mean() > 20
+
+
 def test_ray_dataset_undecodable_raises_or_skips(tmp_path: Path, local_ray: None) -> None:
     csv_path = write_chexpert(tmp_path)
     (tmp_path / ROWS[3].split(",")[0]).write_bytes(b"not a jpeg")
