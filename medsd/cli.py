@@ -107,6 +107,28 @@ def demo(out, config_path, overrides) -> None:
     )
 
 
+@main.command()
+@click.option("--out", default=None, help="output folder (default medsd-train)")
+@CONFIG_OPTION
+@SET_OPTION
+def train(out, config_path, overrides) -> None:
+    """Fine-tune a Stable Diffusion model with Ray Train (DreamBooth, LoRA or textual inversion).
+
+    Rerunning the same command resumes from the latest checkpoint.
+    """
+    from medsd.config import TrainConfig
+    from medsd.train import run_training
+
+    cfg = _load(TrainConfig, config_path, [*overrides, *_flag_overrides({"out": out})])
+    result = _run_or_exit(lambda: run_training(cfg))
+    lines = [f"medsd train finished in {result.seconds:.0f} s ({cfg.method}, {cfg.conditioning} conditioning):"]
+    for run in result.runs:
+        loss = "n/a" if run.final_loss is None else f"{run.final_loss:.4f}"
+        name = f"{run.label}: " if run.label else ""
+        lines.append(f"  {name}{run.model_dir} (step {run.steps}, loss {loss})")
+    click.echo("\n".join(lines))
+
+
 def _flag_overrides(flags: dict) -> list[str]:
     """Flags the user gave, as key=value overrides applied after --set (flags win)."""
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]

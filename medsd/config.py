@@ -533,9 +533,7 @@ def load_config(config_class: type[ConfigT], path: str | Path | None = None, ove
     try:
         return config_class.model_validate(raw)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors()
-        )
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in error.errors())
         source = f" in {path}" if path is not None else ""
         raise ValueError(f"invalid {config_class.__name__}{source}: {problems}") from None
 

@@ -358,16 +358,8 @@ def build_tiny_pipeline() -> tuple[StableDiffusionPipeline, dict]:
     latent_std = measure_latent_std(vae, train_pixels, seed=TINY_INIT_SEED)
     vae.register_to_config(scaling_factor=1.0 / latent_std)  # measured, never SD's 0.18215
 
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.requires_grad_(False),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=build_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    parts = PipelineComponents(tokenizer, text_encoder.requires_grad_(False), vae, unet, build_scheduler())
+    pipe = assemble_pipeline(parts, parts.noise_scheduler)
     build_info = {
         "recipe": tiny_model_name(),
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -660,6 +652,21 @@ class PipelineComponents:
     noise_scheduler: DDPMScheduler
 
 
+def assemble_pipeline(parts: PipelineComponents, scheduler) -> StableDiffusionPipeline:
+    """A pipeline around ``parts`` (the modules themselves, not copies) sampling with ``scheduler``; no safety
+    checker (radiographs, and it would need hub weights)."""
+    return StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
 def load_components(model_dir: str | Path) -> PipelineComponents:
     """Load the components of a resolved model folder (see :func:`resolve_model_dir`) for training."""
     model_dir = Path(model_dir)
@@ -705,8 +712,15 @@ def model_hash(model_dir: str | Path) -> str:
         for path in sorted((model_dir / component).rglob("*"))
         if path.is_file() and path.suffix in HASHED_SUFFIXES
     ]
-    relative = sorted((path.relative_to(model_dir).as_posix(), path) for path in files)
-    key = (str(model_dir), tuple((name, path.stat().st_size, path.stat().st_mtime_ns) for name, path in relative))
+    return files_hash(model_dir, files)
+
+
+def files_hash(root: Path, files: list[Path]) -> str:
+    """Short sha256 of ``files`` by their path relative to ``root`` (so any copy of the folder hashes the same).
+
+    Cached per process by (path, size, mtime) of each file."""
+    relative = sorted((path.relative_to(root).as_posix(), path) for path in files)
+    key = (str(root), tuple((name, path.stat().st_size, path.stat().st_mtime_ns) for name, path in relative))
     if key not in _hash_cache:
         digest = hashlib.sha256()
         for name, path in relative:
