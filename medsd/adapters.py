@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights looks for
 LEARNED_EMBEDS_FILE = "learned_embeds.safetensors"  # the name pipe.load_textual_inversion looks for
 PLACEHOLDER_TOKENS_FILE = "placeholder_tokens.json"
+ADAPTER_HASHED_SUFFIXES = (".safetensors", ".json")
 # Attribute on a loaded pipeline recording adapter name -> kind, so activate_adapter knows TI names too.
 _LOADED_ADAPTERS_ATTRIBUTE = "medsd_adapters"
 
@@ -94,6 +95,15 @@ def save_textual_inversion(out_dir: str | Path, embeddings: Mapping[str, tuple[s
     tokens = {label: token for label, (token, _vectors) in embeddings.items()}
     (out_dir / PLACEHOLDER_TOKENS_FILE).write_text(json.dumps(tokens, indent=2) + "\n")
     return files
+
+
+def adapter_hash(path: str | Path) -> str:
+    """Short sha256 of an adapter folder's weights and configs, by relative path (like models.model_hash)."""
+    from medsd.models import files_hash
+
+    root = Path(path).resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in ADAPTER_HASHED_SUFFIXES)
+    return files_hash(root, files)
 
 
 def placeholder_tokens(adapter_dir: str | Path) -> dict[str, str]:

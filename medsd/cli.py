@@ -108,6 +108,38 @@ def demo(out, config_path, overrides) -> None:
 
 
 @main.command()
+@click.option("--model", "model_name", default=None, help="'tiny', a diffusers folder or a cached hub id")
+@click.option("--out", default=None, help="output folder or pyarrow filesystem URI")
+@click.option("--per-label", "per_label", type=int, default=None, help="images per label (and per prompt)")
+@click.option("--labels", default=None, help="comma-separated observations, e.g. 'Cardiomegaly,Pleural Effusion'")
+@click.option("--steps", type=int, default=None, help="denoising steps per image")
+@click.option("--guidance", "guidance_scales", type=float, multiple=True, help="guidance scale; repeat for a sweep")
+@click.option("--seed", type=int, default=None, help="seed of the plan (every image's seed derives from it)")
+@CONFIG_OPTION
+@SET_OPTION
+def generate(model_name, out, per_label, labels, steps, guidance_scales, seed, config_path, overrides) -> None:
+    """Bulk-generate a CheXpert-style synthetic dataset (PNGs, parquet, train.csv, manifest) on Ray Data.
+
+    Rerunning the same command after a crash finishes the dataset instead of starting over.
+    """
+    from medsd.config import GenerateConfig
+    from medsd.generate import run_generate
+
+    flags = {
+        "model.model": model_name,
+        "out": out,
+        "per_label": per_label,
+        "labels": [label.strip() for label in labels.split(",") if label.strip()] if labels is not None else None,
+        "steps": steps,
+        "guidance_scales": list(guidance_scales) or None,
+        "seed": seed,
+    }
+    cfg = _load(GenerateConfig, config_path, [*overrides, *_flag_overrides(flags)])
+    result = _run_or_exit(lambda: run_generate(cfg))
+    click.echo(result.summary_line())
+
+
+@main.command()
 @click.option("--out", default=None, help="output folder (default medsd-train)")
 @CONFIG_OPTION
 @SET_OPTION

@@ -183,8 +183,9 @@ class ServeConfig(StrictModel):
 class GenerateConfig(StrictModel):
     """`medsd generate`: a synthetic CheXpert-style dataset (PNG tree, parquet, train.csv, manifest).
 
-    Content fields (plan, labels, counts, sampling, seed, model) decide every image; execution fields
-    (batch_size, num_actors, num_gpus_per_actor, cpus_per_actor) only decide how fast they come.
+    Every field but ``out`` and ``num_actors`` decides the images bit for bit, batch_size and the per-actor
+    CPUs and GPUs included (batch shape, thread count and device change how floating-point sums are
+    grouped), so a resumed run must use the same values; the manifest records them.
     """
 
     out: str = Field("medsd-synthetic", description="output folder or pyarrow filesystem URI (file://, s3://, ...)")
@@ -229,11 +230,11 @@ class GenerateConfig(StrictModel):
     rows_per_shard: int = Field(
         256, ge=1, description="rows per parquet file; a file is written once all its images exist (unit of resume)"
     )
-    batch_size: int = Field(8, ge=1, description="images per pipeline call in an actor")
+    batch_size: int = Field(8, ge=1, description="images per pipeline call (fixed by the plan, not by scheduling)")
     num_actors: int = Field(1, ge=1, description="generator actors (pipelines) in the Ray Data actor pool")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs each actor reserves (1 on a GPU cluster)")
     cpus_per_actor: float = Field(
-        2.0, gt=0.0, description="CPUs each actor reserves; on CPU it is also the actor's torch thread count"
+        2.0, gt=0.0, description="CPUs each actor reserves; without a GPU also its torch thread count"
     )
 
     @field_validator("labels")
@@ -241,9 +242,8 @@ class GenerateConfig(StrictModel):
     def _known_labels(cls, value: list[str]) -> list[str]:
         unknown = [label for label in value if label not in CHEXPERT_OBSERVATIONS]
         if unknown:
-            raise ValueError(
-                f"generate.labels: unknown {unknown}; expected CheXpert observations: {', '.join(CHEXPERT_OBSERVATIONS)}"
-            )
+            expected = ", ".join(CHEXPERT_OBSERVATIONS)
+            raise ValueError(f"generate.labels: unknown {unknown}; expected CheXpert observations: {expected}")
         duplicates = sorted({label for label in value if value.count(label) > 1})
         if duplicates:
             raise ValueError(f"generate.labels: {duplicates} listed more than once")

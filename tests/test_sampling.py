@@ -21,6 +21,16 @@ def test_an_image_depends_on_its_seed_not_its_batch(pipe):
     assert not np.array_equal(other_seed[0], alone[0])
 
 
+def test_a_large_batch_changes_an_image_by_rounding_at_most(pipe):
+    """Kernels chosen by batch shape may move a pixel by one grey level, never more (the module's promise)."""
+    prompts = [f"a frontal chest x-ray showing {finding}" for finding in ("edema", "cardiomegaly")] * 6
+    seeds = list(range(100, 112))
+    together = sample_images(pipe, prompts, seeds, steps=3, guidance_scale=3.0).astype(int)
+    for index in (0, 11):
+        alone = sample_images(pipe, prompts[index : index + 1], seeds[index : index + 1], steps=3, guidance_scale=3.0)
+        assert np.abs(together[index] - alone[0].astype(int)).max() <= 1
+
+
 def test_mismatched_seeds_are_refused(pipe):
     with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
         sample_images(pipe, ["a", "b"], [1], steps=2, guidance_scale=1.0)
