@@ -140,6 +140,25 @@ def generate(model_name, out, per_label, labels, steps, guidance_scales, seed, c
 
 
 @main.command()
+@click.option("--model", "model_name", default=None, help="'tiny', a diffusers folder or a cached hub id")
+@click.option("--host", default=None, help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it)")
+@click.option("--port", type=int, default=None, help="HTTP port (default 8000)")
+@CONFIG_OPTION
+@SET_OPTION
+def serve(model_name, host, port, config_path, overrides) -> None:
+    """Serve the HTTP API and web page on a local Ray (or RAY_ADDRESS) until interrupted.
+
+    When the environment variable named by the api_key_env setting holds a key, every route but /healthz needs it.
+    """
+    from medsd.config import ServeConfig
+    from medsd.service.server import run_server
+
+    flags = {"model.model": model_name, "host": host, "port": port}
+    cfg = _load(ServeConfig, config_path, [*overrides, *_flag_overrides(flags)])
+    _run_or_exit(lambda: run_server(cfg, blocking=True))
+
+
+@main.command()
 @click.option("--out", default=None, help="output folder (default medsd-train)")
 @CONFIG_OPTION
 @SET_OPTION

@@ -128,7 +128,14 @@ class ServeConfig(StrictModel):
         16, ge=MAX_IMAGES_PER_REQUEST, le=256, description="images one generator replica runs in one batch"
     )
     batch_wait_timeout_s: float = Field(
-        0.02, ge=0.0, le=10.0, description="how long a batch waits for more requests before it runs"
+        0.01, ge=0.0, le=10.0, description="how long a batch waits for more requests before it runs"
+    )
+    batch_linger_s: float = Field(
+        0.05,
+        ge=0.0,
+        le=10.0,
+        description="after a run, how long a partly filled next batch waits for the clients just answered to "
+        "send again (only when requests are already waiting)",
     )
     max_ongoing_requests: int = Field(
         16, ge=1, description="requests one generator replica holds at once (running plus filling the next batch)"
