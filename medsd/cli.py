@@ -172,12 +172,7 @@ def train(out, config_path, overrides) -> None:
 
     cfg = _load(TrainConfig, config_path, [*overrides, *_flag_overrides({"out": out})])
     result = _run_or_exit(lambda: run_training(cfg))
-    lines = [f"medsd train finished in {result.seconds:.0f} s ({cfg.method}, {cfg.conditioning} conditioning):"]
-    for run in result.runs:
-        loss = "n/a" if run.final_loss is None else f"{run.final_loss:.4f}"
-        name = f"{run.label}: " if run.label else ""
-        lines.append(f"  {name}{run.model_dir} (step {run.steps}, loss {loss})")
-    click.echo("\n".join(lines))
+    click.echo(result.summary())
 
 
 def _flag_overrides(flags: dict) -> list[str]:

@@ -667,6 +667,18 @@ def assemble_pipeline(parts: PipelineComponents, scheduler) -> StableDiffusionPi
     )
 
 
+def native_image_size_px(model_dir: str | Path) -> int:
+    """Side of the images a model folder's UNet was built for (sample_size latents, upsampled by the VAE)."""
+    unet = UNet2DConditionModel.load_config(Path(model_dir) / "unet")
+    return unet["sample_size"] * vae_downsampling(model_dir)
+
+
+def vae_downsampling(model_dir: str | Path) -> int:
+    """How many pixels one latent cell covers per side: each VAE block but the last halves the image."""
+    vae = AutoencoderKL.load_config(Path(model_dir) / "vae")
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def load_components(model_dir: str | Path) -> PipelineComponents:
     """Load the components of a resolved model folder (see :func:`resolve_model_dir`) for training."""
     model_dir = Path(model_dir)

@@ -14,7 +14,14 @@ from pathlib import Path
 from medsd.config import DataConfig, TrainConfig
 from medsd.data import load_dataset
 from medsd.labels import NO_FINDING
-from medsd.models import TINY_MODEL, model_hash, resolve_model_dir, select_dtype
+from medsd.models import (
+    TINY_MODEL,
+    model_hash,
+    native_image_size_px,
+    resolve_model_dir,
+    select_dtype,
+    vae_downsampling,
+)
 from medsd.phantom import write_phantom
 from medsd.ray_session import ensure_ray
 from medsd.train.card import RunFacts, write_resolved_config
@@ -55,6 +62,17 @@ class TrainResult:
     out: Path
     runs: list[RunResult]
     seconds: float
+    method: str
+    conditioning: str
+
+    def summary(self) -> str:
+        """What the CLI and the job print: one line per trained model or adapter."""
+        lines = [f"medsd train finished in {self.seconds:.0f} s ({self.method}, {self.conditioning} conditioning):"]
+        for run in self.runs:
+            loss = "n/a" if run.final_loss is None else f"{run.final_loss:.4f}"
+            name = f"{run.label}: " if run.label else ""
+            lines.append(f"  {name}{run.model_dir} (step {run.steps}, loss {loss})")
+        return "\n".join(lines)
 
 
 def run_training(cfg: TrainConfig) -> TrainResult:
@@ -72,7 +90,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     write_resolved_config(cfg, out)
     ensure_ray()
     results = [train_one(run_cfg, data, model_dir, label) for label, run_cfg in runs]
-    return TrainResult(out, results, time.perf_counter() - started)
+    return TrainResult(out, results, time.perf_counter() - started, cfg.method, cfg.conditioning)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,11 +122,10 @@ def check_model(cfg: TrainConfig) -> Path:
 
 
 def _resolution_problems(cfg: TrainConfig, model_dir: Path) -> list[str]:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     unet = UNet2DConditionModel.load_config(model_dir / "unet")
-    vae = AutoencoderKL.load_config(model_dir / "vae")
-    vae_factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    vae_factor = vae_downsampling(model_dir)
     unet_factor = 2 ** (len(unet["block_out_channels"]) - 1)  # each down block but the last halves the latents
     size = cfg.data.image_size_px
     if size % (vae_factor * unet_factor):
@@ -116,7 +133,7 @@ def _resolution_problems(cfg: TrainConfig, model_dir: Path) -> list[str]:
             f"data.image_size_px={size} must be a multiple of {vae_factor * unet_factor} (the VAE downsamples "
             f"{vae_factor}x, the UNet {unet_factor}x more)"
         ]
-    native = unet["sample_size"] * vae_factor
+    native = native_image_size_px(model_dir)
     if cfg.model.model == TINY_MODEL and size != native:
         # The tiny VAE was trained at one size only; its UNet never saw other latent sizes.
         return [f"data.image_size_px={size}: the tiny model takes {native} px images only"]

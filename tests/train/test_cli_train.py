@@ -19,7 +19,7 @@ def test_train_loads_the_config_with_overrides_and_prints_a_summary(monkeypatch,
     def fake_run_training(cfg):
         seen["cfg"] = cfg
         run = RunResult("Edema", tmp_path / "edema", tmp_path / "edema" / "model", 12, 0.25, 30.0)
-        return TrainResult(tmp_path, [run], 3.0)
+        return TrainResult(tmp_path, [run], 3.0, seen["cfg"].method, seen["cfg"].conditioning)
 
     monkeypatch.setattr(medsd.train, "run_training", fake_run_training)
     result = CliRunner().invoke(
