@@ -175,6 +175,34 @@ def train(out, config_path, overrides) -> None:
     click.echo(result.summary())
 
 
+@main.command()
+@click.option("--real", "real_csv", type=click.Path(dir_okay=False), default=None, help="real training CSV")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="folder the real CSV's Paths are under")
+@click.option(
+    "--synthetic", multiple=True, type=click.Path(), help="synthetic dataset folder; repeat to compare several"
+)
+@click.option("--test", "test_csv", type=click.Path(dir_okay=False), default=None, help="held-out real test CSV")
+@click.option("--out", default=None, help="output folder (default medsd-evaluate)")
+@CONFIG_OPTION
+@SET_OPTION
+def evaluate(real_csv, root, synthetic, test_csv, out, config_path, overrides) -> None:
+    """Does the synthetic data help? Train classifiers on real, synthetic and both (parallel Ray tasks), test
+    them on held-out real images, and measure fidelity, diversity and memorization; writes report.md."""
+    from medsd.config import EvaluateConfig
+    from medsd.evaluate import run_evaluation
+
+    flags = {
+        "real.csv": real_csv,
+        "real.root": root,
+        "synthetic": list(synthetic) or None,
+        "test_csv": test_csv,
+        "out": out,
+    }
+    cfg = _load(EvaluateConfig, config_path, [*overrides, *_flag_overrides(flags)])
+    result = _run_or_exit(lambda: run_evaluation(cfg))
+    click.echo(result.summary())
+
+
 def _flag_overrides(flags: dict) -> list[str]:
     """Flags the user gave, as key=value overrides applied after --set (flags win)."""
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]

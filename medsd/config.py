@@ -566,3 +566,136 @@ def _check_keys(config_class: type[BaseModel], raw: dict[str, Any], prefix: str)
         annotation = fields[key].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, dict):
             _check_keys(annotation, value, prefix=f"{dotted}.")
+
+
+EVALUATION_ARMS = ("real", "synthetic", "mixed", "pretrain_finetune")
+FEATURE_EXTRACTORS = ("classifier", "inception_v3", "densenet121")
+
+
+class EvaluateConfig(StrictModel):
+    """`medsd evaluate`: does the synthetic data help? Classifier AUC per arm on held-out real images, plus
+    fidelity, diversity and a memorization audit of the synthetic images."""
+
+    out: str = Field("medsd-evaluate", description="output folder: results.csv, report.md, figures, config")
+    real: DataConfig = Field(
+        default_factory=DataConfig,
+        description="real training images; its uncertainty policy, views and image size apply to every set "
+        "(leave real.observations unset: `labels` chooses the columns)",
+    )
+    labels: list[str] = Field(
+        default_factory=lambda: list(COMPETITION_FIVE),
+        description="observations evaluated, in order: columns every CSV (real, test, synthetic) must have",
+    )
+    test_csv: str | None = Field(
+        None, description="held-out real CSV every arm is tested on; None: hold out test_fraction of real patients"
+    )
+    test_root: str | None = Field(
+        None, description="folder test_csv's Paths are relative to; None means real.root (else test_csv's folder)"
+    )
+    test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="without test_csv: share of real patients held out as the test split"
+    )
+    synthetic: list[str] = Field(
+        default_factory=list,
+        description="synthetic dataset folders (`medsd generate` output or train.csv + images); the first trains "
+        "the arms, several (e.g. one per checkpoint) are compared",
+    )
+    guidance_scale: float | None = Field(
+        None, description="arms train on this guidance scale of the first synthetic folder; None: all its images"
+    )
+    arms: list[Literal["real", "synthetic", "mixed", "pretrain_finetune"]] = Field(
+        default_factory=lambda: list(EVALUATION_ARMS),
+        description="classifiers to train: real only, synthetic only, real + synthetic, synthetic then real",
+    )
+    sweep: bool = Field(
+        True,
+        description="with several synthetic folders or guidance scales, also train a synthetic-only arm on each",
+    )
+    equal_size: bool = Field(False, description="subsample each synthetic training set to the real image count")
+    architecture: Literal["resnet18", "resnet50"] = Field("resnet18", description="torchvision ResNet, 1-channel")
+    weights_path: str | None = Field(
+        None, description="starting weights of every arm (a local state_dict file); None: random initialisation"
+    )
+    epochs: int = Field(
+        3, ge=1, description="passes over the real training set; every arm sees as many images in total (budget)"
+    )
+    batch_size: int = Field(16, ge=2, description="images per classifier optimizer step")
+    learning_rate: float = Field(1e-3, gt=0.0, description="peak AdamW learning rate (cosine to zero)")
+    seed: int = Field(0, description="seeds initialisation, data order, subsampling and the bootstrap; same per arm")
+    pretrain_fraction: float = Field(
+        0.5, gt=0.0, lt=1.0, description="pretrain_finetune: share of the budget spent on synthetic pre-training"
+    )
+    bootstrap_samples: int = Field(
+        1000, ge=0, description="bootstrap resamples of the test split for AUC intervals; 0: no intervals"
+    )
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="coverage of the bootstrap intervals")
+    extractor: Literal["classifier", "inception_v3", "densenet121"] = Field(
+        "classifier",
+        description="features of the Frechet distance, k-NN precision/recall and memorization: the real arm's "
+        "penultimate layer, or a torchvision network loaded from extractor_weights",
+    )
+    extractor_weights: str | None = Field(
+        None, description="local state_dict of the inception_v3 or densenet121 extractor (nothing is downloaded)"
+    )
+    fidelity_max_images: int = Field(
+        5000, ge=2, description="images per set (seeded subsample) in the Frechet distance and k-NN metrics"
+    )
+    knn_k: int = Field(3, ge=1, description="k of the k-NN precision/recall radii (Kynkaanniemi et al. 2019)")
+    diversity_images_per_prompt: int = Field(
+        4, ge=2, description="images per prompt compared pairwise by MS-SSIM (RoentGen uses 4)"
+    )
+    diversity_max_prompts: int = Field(50, ge=1, description="prompts per set in the MS-SSIM diversity")
+    memorization_feature_threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="feature cosine to the nearest training image that counts as a copy; None: the highest any "
+        "held-out real image reaches (images of one domain can be alike without being copies)",
+    )
+    memorization_pixel_threshold: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="pixel correlation to the nearest training image that counts as a copy; None: the highest "
+        "any held-out real image reaches",
+    )
+    memorization_limit: float = Field(
+        0.01, ge=0.0, le=1.0, description="share of memorized synthetic images above which the report flags the set"
+    )
+    memorization_top_pairs: int = Field(12, ge=1, description="most similar synthetic/training pairs shown")
+    samples_per_label: int = Field(8, ge=1, le=32, description="columns of the label x samples grid")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks cuda when available")
+    cpus_per_arm: float = Field(1.0, gt=0.0, description="CPUs each arm task reserves (its torch threads on CPU)")
+    gpus_per_arm: float = Field(0.0, ge=0.0, description="GPUs each arm task reserves (1 on a GPU cluster)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateConfig:
+        problems = []
+        if self.real.csv is None:
+            problems.append("evaluate.real.csv: not set; pass --real CSV, the real training CSV")
+        if self.real.observations is not None:
+            problems.append("evaluate.real.observations: set evaluate.labels instead (it applies to every set)")
+        schema_labels = self.real.label_columns or list(CHEXPERT_OBSERVATIONS)
+        unknown = [label for label in self.labels if label not in schema_labels]
+        if unknown or not self.labels or len(set(self.labels)) != len(self.labels):
+            problems.append(
+                f"evaluate.labels: got {self.labels}; expected distinct names from {schema_labels}"
+                + (f" ({unknown} unknown)" if unknown else "")
+            )
+        if not self.synthetic:
+            problems.append("evaluate.synthetic: no folder given; pass --synthetic DIR (a `medsd generate` output)")
+        if not self.arms:
+            problems.append(f"evaluate.arms: empty; choose from {list(EVALUATION_ARMS)}")
+        if len(set(self.arms)) != len(self.arms):
+            problems.append(f"evaluate.arms: {self.arms} repeats an arm")
+        if self.extractor == "classifier" and "real" not in self.arms:
+            problems.append("evaluate.arms: the classifier extractor uses the real arm's features; keep 'real'")
+        if self.extractor != "classifier" and self.extractor_weights is None:
+            problems.append(f"evaluate.extractor_weights: {self.extractor} needs a local weights file")
+        if self.device == "cuda" and self.gpus_per_arm == 0:
+            problems.append("evaluate.device: 'cuda' needs gpus_per_arm > 0, or Ray gives the arms no GPU")
+        if self.gpus_per_arm > 0 and self.device == "cpu":
+            problems.append("evaluate.gpus_per_arm: GPUs reserved but device='cpu'; set device to auto or cuda")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

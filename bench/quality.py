@@ -1,0 +1,137 @@
+"""Does the synthetic data help, on the phantom? The utility benchmark end to end: train the tiny model
+label-conditionally with the demo budget (configs/train-tiny-phantom.yaml, as is), generate single-finding
+images per competition label (and No Finding) with `medsd generate`, then `medsd evaluate` them against
+classifiers trained on the real phantom, all tested on the phantom's held-out patients.
+
+Goals: synthetic-only mean AUC >= 0.9 x real-only with no label below 0.6, and real + synthetic >= real-only.
+Prints per-label AUC for each arm, then one JSON line.
+
+    python bench/quality.py [--out DIR] [--per-label 100] [--set key=value ...  (EvaluateConfig overrides)]
+
+A rerun resumes training and generation from what the first run left in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from medsd.config import EvaluateConfig, GenerateConfig, TrainConfig, load_config
+from medsd.evaluate import run_evaluation
+from medsd.generate import run_generate
+from medsd.labels import COMPETITION_FIVE
+from medsd.ray_session import ensure_ray
+from medsd.train import run_training
+from medsd.train.run import PHANTOM_FOLDER
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_CONFIG = REPO / "configs" / "train-tiny-phantom.yaml"
+GOAL_SYNTHETIC_RATIO, GOAL_MIN_LABEL_AUC = 0.9, 0.6
+# Sampling as bench/train_quality.py scores the tiny model: DPM-Solver++ 20 steps, guidance 4.
+GENERATE = ["steps=20", "sampler=dpm++", "guidance_scales=[4.0]", "projection=PA", "batch_size=16",
+            "num_actors=1", "cpus_per_actor=2", "seed=0"]  # fmt: skip
+# Classifiers: three passes over the real frontal phantoms per arm, one arm per core at a time.
+EVALUATE = ["epochs=3", "batch_size=16", "learning_rate=1e-3", "bootstrap_samples=1000", "cpus_per_arm=1"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="bench-out/quality", help="folder for the model, dataset and report")
+    parser.add_argument("--per-label", type=int, default=100, help="synthetic images per label (and No Finding)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    # Ray runs workers at nice 15; the same priority as this process, so the figures measure medsd, not neighbours.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ensure_ray()
+    started = time.perf_counter()
+
+    # 1. The tiny model, trained on the phantom with the demo budget.
+    train_cfg = load_config(TrainConfig, TRAIN_CONFIG, [f"out={out / 'train'}"])
+    trained = run_training(train_cfg)
+    train_seconds = time.perf_counter() - started
+
+    # 2. Single-finding images of each competition label and No Finding, frontal like the training images.
+    mark = time.perf_counter()
+    labels = json.dumps(list(COMPETITION_FIVE))
+    generate_cfg = load_config(
+        GenerateConfig,
+        None,
+        [f"out={out / 'synthetic'}", f"model.model={trained.runs[0].model_dir}", "plan=per_label",
+         f"labels={labels}", f"per_label={args.per_label}", *GENERATE],
+    )  # fmt: skip
+    generated = run_generate(generate_cfg)
+    generate_seconds = time.perf_counter() - mark
+
+    # 3. The evaluation: real phantom train split vs synthetic, tested on the held-out phantom patients.
+    mark = time.perf_counter()
+    phantom = out / "train" / PHANTOM_FOLDER
+    evaluate_cfg = load_config(
+        EvaluateConfig,
+        None,
+        [f"out={out / 'evaluate'}", f"real.csv={phantom / 'train.csv'}", f"test_csv={phantom / 'valid.csv'}",
+         "real.views=[Frontal]", f"real.image_size_px={train_cfg.data.image_size_px}",
+         f"synthetic=[{out / 'synthetic'}]", f"labels={labels}", *EVALUATE, *args.overrides],
+    )  # fmt: skip
+    result = run_evaluation(evaluate_cfg)
+    evaluate_seconds = time.perf_counter() - mark
+    print(result.auc_table_text())
+
+    timings = {
+        "train_seconds": round(train_seconds, 1),
+        "generate_seconds": round(generate_seconds, 1),
+        "evaluate_seconds": round(evaluate_seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    sizes = {
+        "real_images": result.arm("real").n_train,
+        "synthetic_images": generated.n_images,
+        "train_steps": trained.runs[0].steps,
+    }
+    print(json.dumps({"bench": "quality", **figures(result), **sizes, **timings}))
+
+
+def figures(result) -> dict:
+    """The JSON figures of an EvaluationResult: AUCs per arm, the goals and whether they hold, set quality."""
+    real, synthetic, mixed = (result.arm(name).scores for name in ("real", "synthetic", "mixed"))
+    ratio = synthetic.mean / real.mean
+    lowest = min(synthetic.aucs.values())
+    reference, quality = result.quality.sets[0], result.quality.sets[1]
+    aucs = {arm.plan.name: {**arm.scores.aucs, "mean": arm.scores.mean} for arm in result.arms}
+    return {
+        "auc": {arm: {label: round(value, 3) for label, value in values.items()} for arm, values in aucs.items()},
+        "mean_auc_interval": {arm.plan.name: [round(v, 3) for v in arm.scores.mean_interval] for arm in result.arms},
+        "synthetic_over_real": round(ratio, 3),
+        "synthetic_lowest_label_auc": round(lowest, 3),
+        "mixed_minus_real": round(mixed.mean - real.mean, 3),
+        "goals": {
+            "synthetic_over_real": GOAL_SYNTHETIC_RATIO,
+            "synthetic_lowest_label_auc": GOAL_MIN_LABEL_AUC,
+            "mixed_minus_real": 0.0,
+        },
+        "passed": {
+            "synthetic_over_real": ratio >= GOAL_SYNTHETIC_RATIO,
+            "synthetic_lowest_label_auc": lowest >= GOAL_MIN_LABEL_AUC,
+            "mixed_minus_real": mixed.mean >= real.mean,
+        },
+        "frechet_distance": {
+            "synthetic": round(quality.frechet_distance, 3),
+            "held_out_real": round(reference.frechet_distance, 3),
+        },
+        "knn_precision_recall": [round(quality.precision, 3), round(quality.recall, 3)],
+        "ms_ssim_within_prompt": {
+            "synthetic": round(quality.diversity.mean_ms_ssim, 3),
+            "held_out_real": round(reference.diversity.mean_ms_ssim, 3),
+        },
+        "memorized_share": round(quality.memorization.share, 4),
+        "flags": result.flags,
+    }
+
+
+if __name__ == "__main__":
+    main()
