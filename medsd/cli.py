@@ -87,24 +87,26 @@ def model_build(config_path, overrides) -> None:
 
 @main.command()
 @click.option("--out", default=None, help="output folder (default medsd-demo)")
+@click.option("--quick", is_flag=True, help="every stage at a smoke size: a few minutes on 2 cores (CI runs it)")
+@click.option("--serve", is_flag=True, help="afterwards, serve the fine-tuned model (HTTP API and web page)")
 @CONFIG_OPTION
 @SET_OPTION
-def demo(out, config_path, overrides) -> None:
-    """Run medsd end to end on the embedded defaults: phantom data, tiny model, samples."""
-    from medsd.demo import run_demo
+def demo(out, quick, serve, config_path, overrides) -> None:
+    """Run medsd end to end on the embedded defaults: phantom data, fine-tuning, a synthetic dataset, its
+    evaluation (the AUC table real vs synthetic vs mixed) and a sample grid. Rerunning reuses what is done."""
+    from medsd.demo import QUICK_OVERRIDES, run_demo
 
-    cfg = _load(DemoConfig, config_path, [*overrides, *_flag_overrides({"out": out})])
+    quick_overrides = list(QUICK_OVERRIDES) if quick else []
+    cfg = _load(DemoConfig, config_path, [*quick_overrides, *overrides, *_flag_overrides({"out": out})])
     result = _run_or_exit(lambda: run_demo(cfg))
-    click.echo(
-        "\n".join(
-            [
-                "medsd demo finished:",
-                f"  phantom dataset  {result.phantom.out}",
-                f"  model            {result.model_dir}",
-                f"  sample grid      {result.grid_path}",
-            ]
-        )
-    )
+    click.echo(result.summary())
+    if serve:
+        from medsd.config import ServeConfig
+        from medsd.service.server import run_server
+
+        serve_cfg = ServeConfig(model=cfg.model.model_copy(update={"model": str(result.model_dir)}))
+        click.echo(f"serving the fine-tuned model at http://{serve_cfg.host}:{serve_cfg.port}/ (Ctrl-C stops it)")
+        _run_or_exit(lambda: run_server(serve_cfg, blocking=True))
 
 
 @main.command()

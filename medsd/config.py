@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from medsd.labels import CHEXPERT_OBSERVATIONS, COMPETITION_FIVE, PROJECTIONS, VIEWS, UncertaintyPolicy
+from medsd.labels import CHEXPERT_OBSERVATIONS, COMPETITION_FIVE, NO_FINDING, PROJECTIONS, VIEWS, UncertaintyPolicy
 
 
 class StrictModel(BaseModel):
@@ -96,14 +96,36 @@ class ModelConfig(StrictModel):
 
 
 class DemoConfig(StrictModel):
-    """`medsd demo`: the embedded pipeline end to end on a local Ray."""
+    """`medsd demo`: the whole pipeline on the embedded defaults (phantom -> fine-tune -> generate -> evaluate).
+
+    The stage configs are built from these few knobs (medsd/demo.py); each stage's own example YAML in
+    configs/ shows the same run with every field. ``medsd demo --quick`` sets them to smoke sizes.
+    """
 
     out: str = Field("medsd-demo", description="output folder of every demo stage")
-    phantom: PhantomConfig = Field(default_factory=PhantomConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
+    phantom: PhantomConfig = Field(
+        default_factory=PhantomConfig, description="the 'real' data (read at the model's resolution)"
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the base model that is fine-tuned")
+    labels: list[str] = Field(
+        default_factory=lambda: list(COMPETITION_FIVE), description="labels trained, generated and evaluated"
+    )
+    train_steps: int = Field(750, ge=1, description="fine-tuning optimizer steps (label-conditional DreamBooth)")
+    train_batch_size: int = Field(32, ge=1, description="fine-tuning images per step")
+    per_label: int = Field(200, ge=1, description="synthetic images per label and for No Finding")
+    sample_steps: int = Field(20, ge=1, le=1000, description="denoising steps per synthetic image")
+    guidance_scale: float = Field(4.0, ge=0.0, le=30.0, description="classifier-free guidance of every sample")
+    eval_epochs: int = Field(4, ge=1, description="classifier epochs of each evaluation arm")
     grid_seed: int = Field(0, description="seed of the first sample-grid image (one seed per cell after it)")
     grid_steps: int = Field(20, ge=1, le=1000, description="denoising steps per sample-grid image")
-    guidance_scale: float = Field(4.0, ge=0.0, le=30.0, description="classifier-free guidance of the grid")
+
+    @field_validator("labels")
+    @classmethod
+    def _known_labels(cls, value: list[str]) -> list[str]:
+        unknown = [label for label in value if label not in CHEXPERT_OBSERVATIONS or label == NO_FINDING]
+        if unknown or not value:
+            raise ValueError(f"labels: got {value}; expected findings from {', '.join(CHEXPERT_OBSERVATIONS[1:])}")
+        return value
 
 
 # Bounds of one POST /v1/generate (issue 5): the API contract, shared by the request schema and ServeConfig.

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 from click.testing import CliRunner
 from PIL import Image
 
@@ -48,24 +49,41 @@ def test_bad_flags_and_config_keys_exit_with_a_message(tmp_path):
     assert result.exit_code == 2 and "did you mean 'phantom.seed'" in result.output
 
 
-def test_demo_end_to_end_and_rerun_reuses_the_phantom(tmp_path, tiny_model_dir):
+def test_quick_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path, tiny_model_dir):
+    """`medsd demo --quick` (what CI runs): phantom -> fine-tune -> generate -> evaluate -> grid, then again."""
     out = tmp_path / "demo"
     command = [
-        sys.executable, "-m", "medsd", "demo", "--out", str(out),
-        "--set", "phantom.n_images=40", "--set", "phantom.image_size_px=64",
-        "--set", f"model.cache_dir={tiny_model_dir.parent}", "--set", "grid_steps=2",
+        sys.executable, "-m", "medsd", "demo", "--quick", "--out", str(out),
+        "--set", f"model.cache_dir={tiny_model_dir.parent}",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray, started by the demo itself
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    assert first.returncode == 0, first.stderr[-4000:]
     assert "medsd demo finished" in first.stdout
+    for stage in range(1, 6):
+        assert f"[{stage}/5]" in first.stderr  # progress of every stage is visible
+    # Every stage's output is where the summary says, and the AUC table is printed.
+    assert (out / "train" / "model" / "model_index.json").is_file()
+    assert (out / "train" / "model" / "model_card.md").is_file()
+    synthetic = pd.read_csv(out / "synthetic" / "train.csv")
+    assert len(synthetic) == 16 * 6  # quick: 16 images for each of the five labels and No Finding
+    assert (out / "evaluate" / "report.md").is_file() and (out / "evaluate" / "results.csv").is_file()
+    for arm in ("Real", "Synthetic"):
+        assert any(line.startswith(arm) for line in first.stdout.splitlines()), first.stdout
     grid_path = out / "samples" / "grid.png"
     grid = np.asarray(Image.open(grid_path))
     assert grid.ndim == 2 and grid.shape[0] >= 6 * 64  # six label rows of 64 px samples, enlarged
-    phantom_csv = out / "phantom" / "train.csv"
-    written = phantom_csv.stat().st_mtime_ns
 
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert phantom_csv.stat().st_mtime_ns == written
+    written = {
+        path: path.stat().st_mtime_ns
+        for path in (out / "phantom" / "train.csv", out / "train" / "model" / "model_index.json")
+    }
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert {path: path.stat().st_mtime_ns for path in written} == written  # phantom and model reused, not redone
+    assert "reusing the finished model" in second.stderr
+    assert "0 rendered, 96 kept" in second.stderr
+    assert "evaluation: reusing" in second.stderr
+    summary = "medsd demo finished"  # Ray's own warnings may come before it on stdout
+    assert second.stdout[second.stdout.index(summary) :] == first.stdout[first.stdout.index(summary) :]
     np.testing.assert_array_equal(np.asarray(Image.open(grid_path)), grid)  # same seeds, same grid
