@@ -591,7 +591,6 @@ def _check_keys(config_class: type[BaseModel], raw: dict[str, Any], prefix: str)
 
 
 EVALUATION_ARMS = ("real", "synthetic", "mixed", "pretrain_finetune")
-FEATURE_EXTRACTORS = ("classifier", "inception_v3", "densenet121")
 
 
 class EvaluateConfig(StrictModel):

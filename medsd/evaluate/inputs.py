@@ -47,8 +47,6 @@ def load_inputs(cfg: EvaluateConfig) -> EvaluationInputs:
     else:
         test_data = cfg.real.model_copy(update={"csv": cfg.test_csv, "root": cfg.test_root or cfg.real.root})
         test = decode_image_set("test", test_data, cfg.labels)
-    if real.images.shape[1:] != test.images.shape[1:]:
-        raise ValueError(f"test: images of shape {test.images.shape[1:]} but real ones {real.images.shape[1:]}")
     unmeasurable_labels(test)  # raises now, before any training, when no label can be measured
     folders = [read_synthetic_folder(i, folder, cfg.real, cfg.labels) for i, folder in enumerate(cfg.synthetic)]
     synthetic = select_guidance(folders[0].images, cfg.guidance_scale)

@@ -43,24 +43,29 @@ def plot_auc_bars(arms: list[ArmResult], labels: tuple[str, ...], path: Path) ->
     return _save(figure, path)
 
 
-def plot_auc_vs_guidance(sweep: list[ArmResult], variants: list[ImageSet], real: ArmResult | None, path: Path) -> Path:
-    """Synthetic-only mean AUC (with intervals) against guidance scale, one line per synthetic folder; the
-    real-only mean as a dashed line. Sets without a known scale are placed by order."""
+def plot_auc_vs_guidance(
+    sweep: list[ArmResult], variants: list[ImageSet], real: ArmResult | None, path: Path
+) -> Path | None:
+    """Synthetic-only mean AUC (with intervals) against guidance scale, one line per synthetic folder, and the
+    real-only mean as a dashed line. Sets of unknown guidance (not made by medsd) are left out; None when no
+    set has a known scale."""
     scale_of = {v.name: float(v.frame[GUIDANCE_SCALE].iloc[0]) for v in variants}
+    lines: dict[str, list[tuple[float, ArmResult]]] = {}
+    for arm in sweep:
+        scale = scale_of.get(arm.plan.variant, math.nan)
+        if not math.isnan(scale):
+            folder = arm.plan.variant.rpartition(" ")[0] or "synthetic"  # "0:ckpt-500 g4" -> "0:ckpt-500"
+            lines.setdefault(folder, []).append((scale, arm))
+    if not lines:
+        return None
     figure = Figure(figsize=(6.0, 4.0), layout="constrained")
     axes = figure.subplots()
-    lines: dict[str, list[tuple[float, ArmResult]]] = {}
-    for order, arm in enumerate(sweep):
-        folder, _, _ = arm.plan.variant.rpartition(" ")
-        scale = scale_of.get(arm.plan.variant, math.nan)
-        lines.setdefault(folder or "synthetic", []).append((order if math.isnan(scale) else scale, arm))
     for folder, points in lines.items():
         points.sort(key=lambda point: point[0])
-        x = [point[0] for point in points]
         means = np.array([arm.scores.mean for _, arm in points])
-        intervals = np.array([arm.scores.mean_interval for _, arm in points])
+        intervals = np.array([arm.scores.mean_interval for _, arm in points])  # (P, 2)
         errors = np.nan_to_num(np.abs(intervals.T - means))
-        axes.errorbar(x, means, yerr=errors, marker="o", capsize=3, label=folder)
+        axes.errorbar([scale for scale, _ in points], means, yerr=errors, marker="o", capsize=3, label=folder)
     if real is not None:
         axes.axhline(real.scores.mean, color="black", linestyle="--", linewidth=1.0, label="real only")
     axes.set_xlabel("guidance scale")

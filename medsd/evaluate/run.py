@@ -53,11 +53,14 @@ class EvaluationResult:
     def auc_table_text(self) -> str:
         """Plain-text AUC table (arm x label and mean), NaN shown as n/a: what the CLI prints."""
         width = max(len(arm.plan.title) for arm in self.arms)
-        header = f"{'AUC':<{width}}  " + "  ".join(f"{label[:12]:>12}" for label in self.labels) + f"  {'Mean':>6}"
+        columns = [*self.labels, "Mean"]
+        header = f"{'AUC':<{width}}" + "".join(f"  {name:>{max(len(name), 5)}}" for name in columns)
         rows = [
-            f"{arm.plan.title:<{width}}  "
-            + "  ".join(f"{cell(arm.scores.aucs[label]):>12}" for label in self.labels)
-            + f"  {cell(arm.scores.mean):>6}"
+            f"{arm.plan.title:<{width}}"
+            + "".join(
+                f"  {cell(value):>{max(len(name), 5)}}"
+                for name, value in zip(columns, [*map(arm.scores.aucs.get, self.labels), arm.scores.mean], strict=True)
+            )
             for arm in self.arms
         ]
         return "\n".join([header, *rows])
@@ -123,11 +126,12 @@ def write_outputs(
     }
     if len(inputs.variants) > 1:
         figures["Synthetic sets compared"] = save_comparison_grid(inputs.variants, out / "comparison.png")
-    if len(sweep) > 1:
-        real = next((arm for arm in arms if arm.plan.name == REAL), None)
-        figures["AUC vs guidance scale"] = plot_auc_vs_guidance(
-            sweep, inputs.variants, real, out / "auc_vs_guidance.png"
-        )
+    real = next((arm for arm in arms if arm.plan.name == REAL), None)
+    guidance_plot = None
+    if len(sweep) > 1:  # a sweep: several folders or guidance scales, each with its own synthetic-only arm
+        guidance_plot = plot_auc_vs_guidance(sweep, inputs.variants, real, out / "auc_vs_guidance.png")
+    if guidance_plot is not None:
+        figures["AUC vs guidance scale"] = guidance_plot
     report = write_report(cfg, inputs, arms, quality, figures, out / REPORT_MD)
     config_path = out / CONFIG_YAML
     config_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
