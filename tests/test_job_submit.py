@@ -355,7 +355,15 @@ def test_bad_input_fails_the_job_with_the_medsd_message(name: str, failed_jobs) 
     assert not (out / "manifest.json").exists() and not (out / "model").exists()
 
 
-def test_jobs_run_the_uploaded_working_dir_not_the_checkout(failed_jobs) -> None:
-    """The traceback of the failing train job points into Ray's copy of the working_dir."""
-    run, _, _ = failed_jobs["train-unknown-key"]
-    assert "working_dir_files" in run.logs and f"{REPO}/medsd/config.py" not in run.logs, run.describe()
+def test_jobs_run_the_uploaded_working_dir_not_the_checkout(ray_head: RayHead) -> None:
+    """A job imports medsd from Ray's copy of the working_dir, not from this checkout."""
+    probe = "import medsd, pathlib; print('medsd from', pathlib.Path(medsd.__file__).resolve().parent)"
+    job_id = ray_head.client.submit_job(
+        # -P: no current directory on sys.path, so medsd comes from where jobs/*.py find it (PYTHONPATH).
+        entrypoint=shlex.join([sys.executable, "-P", "-c", probe]),
+        runtime_env=ray_head.runtime_env,
+    )
+    run = ray_head.wait(job_id)
+    assert run.status == JobStatus.SUCCEEDED, run.describe()
+    (line,) = [line for line in run.logs.splitlines() if line.startswith("medsd from ")]
+    assert "working_dir_files" in line and str(REPO / "medsd") not in line, line
