@@ -98,7 +98,7 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
         _stage(2, f"fine-tuning: reusing the finished model {model_dir}")
     else:
         _stage(2, f"fine-tuning the tiny model, {cfg.train_steps} steps (Ray Train) -> {train_cfg.out}")
-        model_dir = run_training(train_cfg).runs[0].model_dir
+        run_training(train_cfg)  # writes model_dir
         _mark_finished(train_cfg, cfg.phantom)
 
     generate_cfg = generate_config(cfg, model_dir)

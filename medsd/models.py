@@ -514,7 +514,7 @@ def resolve_model_dir(model: str, cache_dir: str | None = None) -> str:
     path = Path(model).expanduser()
     if path.exists():
         validate_pipeline_dir(path)
-        return str(path)
+        return str(path.resolve())  # absolute: Ray workers and actors run in other working directories
     if not HUB_ID_PATTERN.fullmatch(model):
         raise FileNotFoundError(f"model {model!r}: no such folder")
     snapshot = _cached_hub_snapshot(model)

@@ -53,11 +53,11 @@ def test_quick_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path, tiny_mode
     """`medsd demo --quick` (what CI runs): phantom -> fine-tune -> generate -> evaluate -> grid, then again."""
     out = tmp_path / "demo"
     command = [
-        sys.executable, "-m", "medsd", "demo", "--quick", "--out", str(out),
+        sys.executable, "-m", "medsd", "demo", "--quick", "--out", "demo",  # relative, as a user types it
         "--set", f"model.cache_dir={tiny_model_dir.parent}",
     ]  # fmt: skip
     env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray, started by the demo itself
-    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    first = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-4000:]
     assert "medsd demo finished" in first.stdout
     for stage in range(1, 6):
@@ -78,7 +78,7 @@ def test_quick_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path, tiny_mode
         path: path.stat().st_mtime_ns
         for path in (out / "phantom" / "train.csv", out / "train" / "model" / "model_index.json")
     }
-    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
+    second = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
     assert {path: path.stat().st_mtime_ns for path in written} == written  # phantom and model reused, not redone
     assert "reusing the finished model" in second.stderr

@@ -81,6 +81,7 @@ def run_training(cfg: TrainConfig) -> TrainResult:
     ValueError / FileNotFoundError before any worker starts for a bad config, model or data.
     """
     started = time.perf_counter()
+    cfg = _with_absolute_paths(cfg)
     model_dir = check_model(cfg)
     out = Path(cfg.out)
     data = resolve_data(cfg, out)
@@ -292,6 +293,17 @@ def train_one(cfg: TrainConfig, data: DataConfig, model_dir: Path, label: str | 
         final_loss=metrics.get("loss"),
         samples_per_second=metrics.get("samples_per_second"),
     )
+
+
+def _with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its local paths absolute: Ray Train workers run in their own working directory, where a
+    relative ``out`` or ``data.csv`` would land in (or read from) Ray's session folder."""
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None or "://" in path else str(Path(path).expanduser().resolve())
+
+    data = cfg.data.model_copy(update={"csv": absolute(cfg.data.csv), "root": absolute(cfg.data.root)})
+    return cfg.model_copy(update={"out": absolute(cfg.out), "data": data})
 
 
 def _storage_path(cfg: TrainConfig, out: Path) -> str:
