@@ -32,7 +32,7 @@ from medsd.service.validation import resolve_request
 
 SPEEDUP_GOAL = 2.5
 OVERHEAD_GOAL = 0.15
-OVERHEAD_ROUNDS = 5  # alternating blocks of in-process and HTTP requests
+OVERHEAD_ROUNDS = 10  # alternating blocks of in-process and HTTP requests
 REQUESTS_PER_BLOCK = 4
 WARMUP_REQUESTS = 3
 HTTP_TIMEOUT_S = 300

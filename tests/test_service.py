@@ -386,6 +386,23 @@ def test_batch_merger_lingers_for_the_clients_it_just_answered():
     assert runs == [["a", "b"], ["c", "a2", "b2"]]  # the 5 s linger ends as soon as the run is full
 
 
+def test_batch_merger_waits_for_a_whole_cohort_even_when_none_is_waiting_yet():
+    runs: list[list[str]] = []
+    release = threading.Event()
+    release.set()
+
+    async def scenario() -> None:
+        merger = BatchMerger(_blocking_run(runs, release), max_images=8, linger_s=5.0)
+        await merger.submit([_job("a", (1,)), _job("b", (2,))])
+        # Both clients send again, the second a moment later: without the linger "a2" would run alone.
+        again = asyncio.create_task(merger.submit([_job("a2", (3,))]))
+        await asyncio.sleep(0.05)
+        await asyncio.gather(again, merger.submit([_job("b2", (4,))]))
+
+    asyncio.run(scenario())
+    assert runs == [["a", "b"], ["a2", "b2"]]  # the 5 s linger ends when the two images of the last run are back
+
+
 def test_a_lone_request_after_idle_does_not_linger():
     runs: list[list[str]] = []
     release = threading.Event()

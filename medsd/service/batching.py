@@ -118,9 +118,10 @@ class BatchMerger:
 
     Serve forms its next batch while the current one runs (ray/serve/batching.py, ``_process_batches``), so
     closed-loop clients split into cohorts that never meet: 7 + 1 instead of 8, and the fixed cost of a
-    pipeline call is paid twice. So batches queued behind a run merge into the next run, and when jobs are
-    waiting but do not fill a run, it lingers up to ``linger_s`` for the clients just answered to send again.
-    After an idle spell nothing lingers: a lone request runs at once.
+    pipeline call is paid twice. So batches queued behind a run merge into the next run, and after a run of
+    several requests (or with jobs already waiting) the next run waits up to ``linger_s`` for the clients just
+    answered to send again: until the jobs that were waiting plus as many images as the last run are back,
+    or a run is full. After a lone request or an idle spell nothing lingers: a lone request runs at once.
     """
 
     def __init__(self, run_batch: RunBatch, max_images: int, linger_s: float):
@@ -154,14 +155,17 @@ class BatchMerger:
             else:
                 for (_job, future), result in zip(taken, results, strict=True):
                     future.set_result(result)
-            if self._waiting:
-                await self._linger()
+            if len(jobs) > 1 or self._waiting:
+                await self._linger(count_images(jobs) + self._waiting_images())
 
-    async def _linger(self) -> None:
-        """Wait until the waiting jobs fill a run or ``linger_s`` has passed."""
+    def _waiting_images(self) -> int:
+        return count_images([job for job, _future in self._waiting])
+
+    async def _linger(self, expected_images: int) -> None:
+        """Wait until ``expected_images`` (or a full run) are waiting, or ``linger_s`` has passed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._linger_s
-        while count_images([job for job, _future in self._waiting]) < self._max_images:
+        while self._waiting_images() < min(expected_images, self._max_images):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return
