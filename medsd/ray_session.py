@@ -23,5 +23,8 @@ def ensure_ray() -> None:
         ray.init(address=address, log_to_driver=True)
         return
     num_cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
+    # Ray starts its workers at nice 15. They do all of medsd's work, and at nice 15 any other busy program
+    # starves them: Serve's HTTP proxy then fails its start-up health checks and `medsd serve` dies.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     log.info("starting a local Ray with %d logical CPUs", num_cpus)
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)

@@ -125,6 +125,20 @@ def test_cli_refuses_a_bad_config_naming_the_field():
     assert "serve.max_ongoing_requests=1 is below serve.max_batch_images" in result.output
 
 
+def test_cli_names_a_port_that_is_already_taken(tiny_model_dir: Path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        command = [sys.executable, "-m", "medsd", "serve", "--port", str(port), "--model", "tiny"]
+        command += ["--set", f"model.cache_dir={tiny_model_dir.parent}"]
+        env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray would start: the port is checked first
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cli_serves_until_interrupted(tiny_model_dir: Path):
     port = _free_port()
     command = [sys.executable, "-m", "medsd", "serve", "--port", str(port), "--model", "tiny"]
