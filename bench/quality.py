@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -46,8 +45,6 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     out = Path(args.out)
-    # Ray runs workers at nice 15; the same priority as this process, so the figures measure medsd, not neighbours.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray()
     started = time.perf_counter()
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import tempfile
 import time
@@ -151,9 +150,6 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    # Ray runs workers at nice 15; on a shared machine that alone would slow the Ray path against in-process
-    # work. Same priority as this process, so the figures measure medsd and Ray, not the neighbours.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray()
     with tempfile.TemporaryDirectory(prefix="medsd-bench-train-") as tmp:
         root = Path(tmp)

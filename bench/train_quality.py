@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -107,9 +106,6 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(TrainConfig, CONFIG, [f"out={args.out}", *args.overrides])
 
-    # Ray runs workers at nice 15; on a shared machine that alone would slow the Ray path against in-process
-    # work. Same priority as this process, so the figures measure medsd and Ray, not the neighbours.
-    os.environ.setdefault("RAY_worker_niceness", "0")
     ensure_ray()
     started = time.perf_counter()
     result = run_training(cfg)  # a rerun resumes from the final checkpoint and only rewrites the outputs
