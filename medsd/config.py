@@ -225,19 +225,20 @@ class GenerateConfig(StrictModel):
 
     out: str = Field("medsd-synthetic", description="output folder or pyarrow filesystem URI (file://, s3://, ...)")
     model: ModelConfig = Field(default_factory=ModelConfig)
-    plan: Literal["per_label", "match", "prompts"] = Field(
+    plan: Literal["per_label", "balanced", "match", "prompts"] = Field(
         "per_label",
-        description="per_label: N single-finding images per label plus No Finding; match: label vectors, views, "
-        "sex and age sampled from source.csv; prompts: N images per prompt of `prompts`",
+        description="per_label: N single-finding images per label plus No Finding; balanced: N images per label "
+        "plus No Finding, each a source.csv row positive for it (its other findings, view, sex and age come "
+        "along); match: label vectors, views, sex and age sampled from source.csv; prompts: N images per prompt",
     )
     labels: list[str] = Field(
         default_factory=lambda: list(COMPETITION_FIVE),
-        description="per_label: the observations to generate (CheXpert names); No Finding is always added",
+        description="per_label, balanced: the observations to generate (CheXpert names); No Finding is always added",
     )
-    per_label: int = Field(100, ge=1, description="per_label: images per label; prompts: images per prompt")
+    per_label: int = Field(100, ge=1, description="per_label, balanced: images per label; prompts: images per prompt")
     n_images: int = Field(1000, ge=1, description="match: images sampled from the source CSV's rows")
     source: DataConfig = Field(
-        default_factory=DataConfig, description="match: the real CheXpert-style CSV whose rows are sampled"
+        default_factory=DataConfig, description="match, balanced: the real CheXpert-style CSV whose rows are sampled"
     )
     prompts: list[str] = Field(
         default_factory=list,
@@ -310,8 +311,8 @@ class GenerateConfig(StrictModel):
     @model_validator(mode="after")
     def _plan_inputs_present(self) -> GenerateConfig:
         problems = []
-        if self.plan == "match" and self.source.csv is None:
-            problems.append("generate.source.csv: the match plan samples a real CSV; set source.csv")
+        if self.plan in ("match", "balanced") and self.source.csv is None:
+            problems.append(f"generate.source.csv: the {self.plan} plan samples a real CSV; set source.csv")
         if self.plan == "prompts" and not self.prompts:
             problems.append("generate.prompts: the prompts plan needs at least one prompt")
         adapter_names = {adapter.name for adapter in self.model.adapters}

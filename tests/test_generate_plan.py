@@ -159,14 +159,70 @@ def test_no_source_identifier_reaches_the_plan(phantom_csv):
     assert "patient" not in text and "study" not in text and "view1" not in text
 
 
-@pytest.mark.parametrize("name", ["generate-per-label.yaml", "generate-match.yaml"])
+@pytest.mark.parametrize("name", ["generate-per-label.yaml", "generate-match.yaml", "generate-balanced.yaml"])
 def test_example_configs_load_and_plan(name, phantom_csv):
     cfg = load_config(GenerateConfig, REPO / "configs" / name, [f"source.csv={phantom_csv}", "n_images=10"])
     plan = build_plan(cfg, MODEL_HASH)
-    assert len(plan.rows) == (10 if cfg.plan == "match" else (len(cfg.labels) + 1) * cfg.per_label * 2)
+    per_label_rows = (len(cfg.labels) + 1) * cfg.per_label * len(cfg.guidance_scales)
+    assert len(plan.rows) == (10 if cfg.plan == "match" else per_label_rows)
 
 
 def test_match_plan_names_the_source_field_on_a_bad_csv(tmp_path):
     missing = tmp_path / "nope.csv"
     with pytest.raises(FileNotFoundError, match="generate.source.*nope.csv"):
         build_plan(GenerateConfig(plan="match", n_images=5, source={"csv": str(missing)}), MODEL_HASH)
+
+
+def _balanced(phantom_csv: str, **fields) -> GenerateConfig:
+    defaults = {"plan": "balanced", "labels": ["Atelectasis", "Cardiomegaly"], "per_label": 200}
+    return GenerateConfig(**{**defaults, "source": {"csv": phantom_csv, "views": ["Frontal"]}, **fields})
+
+
+def test_balanced_plan_draws_each_label_from_its_positive_source_rows(phantom_csv):
+    plan = build_plan(_balanced(phantom_csv), MODEL_HASH)
+    assert plan.images_per_label() == {"no-finding": 200, "atelectasis": 200, "cardiomegaly": 200}
+    source = pd.read_csv(phantom_csv)
+    frontal = source[source[VIEW_COLUMN] == "Frontal"]
+    source_findings = {positive_findings(row) for row in frontal.to_dict("records")}
+    atelectasis = [row for row in plan.rows if row[LABEL] == "atelectasis"]
+    for row in plan.rows:
+        findings = tuple(o for o in CHEXPERT_OBSERVATIONS if o != NO_FINDING and row[o] == POSITIVE)
+        assert findings in source_findings, row[PROMPT]  # every prompt is a real row's combination of findings
+        assert row[VIEW_COLUMN] == "Frontal"
+    assert all(row["Atelectasis"] == POSITIVE for row in atelectasis)
+    # No Finding rows name no pathology; Support Devices (not a pathology in CheXpert) may come along.
+    for row in plan.rows:
+        if row[LABEL] == "no-finding":
+            assert set(parse_prompt(row[PROMPT]).findings) <= {"Support Devices"}, row[PROMPT]
+    # Co-occurrence comes along: the phantom's atelectasis mostly sits beside an effusion, never alone here.
+    with_effusion = np.mean([row["Pleural Effusion"] == POSITIVE for row in atelectasis])
+    atelectasis_rows = frontal[frontal["Atelectasis"] == POSITIVE]
+    assert with_effusion == pytest.approx(np.mean(atelectasis_rows["Pleural Effusion"] == POSITIVE), abs=0.12)
+    assert with_effusion > 0.2 and any(row[PROMPT] != atelectasis[0][PROMPT] for row in atelectasis)
+
+
+def test_balanced_plan_labels_draw_independently_and_reproducibly(phantom_csv):
+    both = build_plan(_balanced(phantom_csv), MODEL_HASH)
+    alone = build_plan(_balanced(phantom_csv, labels=["Cardiomegaly"]), MODEL_HASH)
+    assert build_plan(_balanced(phantom_csv), MODEL_HASH).fingerprint() == both.fingerprint()
+
+    def cardiomegaly(plan):
+        return [(row[PROMPT], row[SEED]) for row in plan.rows if row[LABEL] == "cardiomegaly"]
+
+    assert cardiomegaly(both) == cardiomegaly(alone)
+    assert both.source_sha256 is not None
+
+
+def test_balanced_plan_names_a_label_without_positive_rows(phantom_csv, tmp_path):
+    source = pd.read_csv(phantom_csv)
+    source["Pneumothorax"] = np.where(source["Pneumothorax"] == POSITIVE, 0.0, source["Pneumothorax"])
+    csv = tmp_path / "no-pneumothorax.csv"
+    source.to_csv(csv, index=False)
+    cfg = _balanced(str(csv), labels=["Pneumothorax"])
+    with pytest.raises(ValueError, match=r"no-pneumothorax.csv has no row positive for 'Pneumothorax'"):
+        build_plan(cfg, MODEL_HASH)
+
+
+def test_balanced_plan_needs_a_source_csv():
+    with pytest.raises(ValueError, match="generate.source.csv: the balanced plan samples a real CSV"):
+        GenerateConfig(plan="balanced")

@@ -1,8 +1,9 @@
 """The generation plan: every image of a synthetic dataset as a row (id, labels, prompt, seed, ...) before any
 pixel exists.
 
-A plan is a pure function of the config, the model hash and (for ``match``) the source CSV: the same inputs
-give the same ids, prompts, seeds and file names, which is what makes reruns reproducible and resumable.
+A plan is a pure function of the config, the model hash and (for ``match`` and ``balanced``) the source CSV:
+the same inputs give the same ids, prompts, seeds and file names, which is what makes reruns reproducible and
+resumable.
 Rows are grouped by label folder, then guidance scale, then index, and cut into shards (one parquet file
 each) of at most ``rows_per_shard`` rows that never straddle a label or a guidance scale. Shards are cut
 into batches of at most ``batch_size`` rows: one pipeline call each. Batches are part of the plan, not of
@@ -61,6 +62,7 @@ IMAGES_FOLDER = "images"
 ID_INDEX_DIGITS = 6  # zero padding keeps ids of one label sorting in plan order up to a million images
 SEED_BITS = 63  # seeds fit a signed 64-bit parquet column and torch.Generator.manual_seed
 MATCH_STREAM = "match"  # names the random stream that draws source rows, apart from per-image seeds
+BALANCED_STREAM = "balanced"  # the same for the balanced plan (one stream per label)
 BLANK_TEXT = ""  # Sex / AP/PA / adapter not given; the writers turn it into a blank (null) cell
 
 
@@ -133,6 +135,7 @@ class _Draft:
     seed_key: str
     sex: str = BLANK_TEXT
     age: float = math.nan
+    folder: str | None = None  # the label folder; None: the prompt's primary label
 
 
 def build_plan(
@@ -155,12 +158,13 @@ def build_plan(
     elif cfg.plan == "prompts":
         drafts = prompt_drafts(cfg.prompts, cfg.per_label)
     else:
-        drafts, source_report = match_drafts(cfg, placeholder_tokens)
+        draw = match_drafts if cfg.plan == "match" else balanced_drafts
+        drafts, source_report = draw(cfg, placeholder_tokens)
         source_sha256 = _file_sha256(Path(cfg.source.csv))
 
     by_label: dict[str, list[_Draft]] = {}
     for draft in drafts:
-        by_label.setdefault(primary_label(draft.parts), []).append(draft)
+        by_label.setdefault(draft.folder or primary_label(draft.parts), []).append(draft)
     rows: list[dict] = []
     shards: list[Shard] = []
     for label in sorted(by_label, key=CHEXPERT_OBSERVATIONS.index):
@@ -259,43 +263,107 @@ def prompt_drafts(prompts: Sequence[str], per_prompt: int) -> list[_Draft]:
 def match_drafts(cfg: GenerateConfig, placeholder_tokens: Mapping[str, str]) -> tuple[list[_Draft], BadInputReport]:
     """``cfg.n_images`` rows drawn with replacement from ``cfg.source``: label vectors, view, projection, sex
     and age together, so co-occurrence is the source's. No Path or other source identifier is kept."""
-    if cfg.source.label_columns is not None:
-        raise ValueError(
-            "generate.source.label_columns: the match plan writes CheXpert prompts and columns; "
-            "leave label_columns unset (a CheXpert-style CSV)"
-        )
-    try:
-        source = load_dataset(cfg.source, check_files=False)
-    except (ValueError, FileNotFoundError) as error:
-        raise type(error)(f"generate.source: {error}") from None
-    frame = source.frame
+    source = _SourceRows.load(cfg)
     rng = np.random.default_rng([cfg.seed, int.from_bytes(MATCH_STREAM.encode(), "big")])
-    drawn = rng.integers(0, len(frame), size=cfg.n_images)
-    observations = list(source.observations)
-    labels = frame[observations].to_numpy(dtype=np.float64)
-    views = frame[VIEW_COLUMN].astype("object").to_numpy() if VIEW_COLUMN in frame else None
-    projections = frame[PROJECTION_COLUMN].astype("object").to_numpy() if PROJECTION_COLUMN in frame else None
-    sexes = frame[SEX_COLUMN].astype("object").to_numpy() if SEX_COLUMN in frame else None
-    ages = frame[AGE_COLUMN].to_numpy(dtype=np.float64) if AGE_COLUMN in frame else None
+    drawn = rng.integers(0, source.n_rows, size=cfg.n_images)
+    drafts = [
+        source.draft(row, f"{MATCH_STREAM}/{number}", cfg, placeholder_tokens) for number, row in enumerate(drawn)
+    ]
+    return drafts, source.report
+
+
+def balanced_drafts(cfg: GenerateConfig, placeholder_tokens: Mapping[str, str]) -> tuple[list[_Draft], BadInputReport]:
+    """``cfg.per_label`` rows for each of ``cfg.labels`` and No Finding, each drawn (with replacement) from the
+    source rows positive for that label. A per-disease set whose images keep the source's co-occurring
+    findings: single-finding prompts would teach a classifier that, say, effusion means "not atelectasis"."""
+    source = _SourceRows.load(cfg)
+    labels = [label for label in cfg.labels if label != NO_FINDING] + [NO_FINDING]
     drafts = []
-    for number, row in enumerate(drawn):
-        values: dict[str, object] = dict(zip(observations, labels[row], strict=True))
-        values[VIEW_COLUMN] = _text(views[row]) if views is not None else "Frontal"
-        values[PROJECTION_COLUMN] = _text(projections[row]) if projections is not None else None
-        prompt = prompt_for_labels(values, policy=cfg.source.uncertainty_policy, identifier=cfg.identifier)
-        parts = parse_prompt(prompt)
-        token = placeholder_tokens.get(primary_label(parts))
+    for label in labels:
+        candidates = np.flatnonzero(source.column(label) == POSITIVE)
+        if len(candidates) == 0:
+            raise ValueError(
+                f"generate.source: {cfg.source.csv} has no row positive for {label!r} (after its views "
+                f"filter); the balanced plan draws each label's images from its positive rows"
+            )
+        # One random stream per label: adding or removing a label leaves the others' rows as they were.
+        rng = np.random.default_rng(derive_seed(cfg.seed, f"{BALANCED_STREAM}/{label}"))
+        for index, row in enumerate(rng.choice(candidates, size=cfg.per_label)):
+            drafts.append(source.draft(row, f"{BALANCED_STREAM}/{label}/{index}", cfg, placeholder_tokens, label))
+    return drafts, source.report
+
+
+@dataclass(frozen=True)
+class _SourceRows:
+    """The columns of a real CSV that plans draw rows from (labels, view, projection, sex, age); never its Paths."""
+
+    observations: list[str]
+    labels: np.ndarray  # (rows, observations) raw CheXpert values
+    views: np.ndarray | None
+    projections: np.ndarray | None
+    sexes: np.ndarray | None
+    ages: np.ndarray | None
+    report: BadInputReport
+
+    @classmethod
+    def load(cls, cfg: GenerateConfig) -> _SourceRows:
+        if cfg.source.label_columns is not None:
+            raise ValueError(
+                f"generate.source.label_columns: the {cfg.plan} plan writes CheXpert prompts and columns; "
+                "leave label_columns unset (a CheXpert-style CSV)"
+            )
+        try:
+            source = load_dataset(cfg.source, check_files=False)
+        except (ValueError, FileNotFoundError) as error:
+            raise type(error)(f"generate.source: {error}") from None
+        frame = source.frame
+
+        def text_column(name: str) -> np.ndarray | None:
+            return frame[name].astype("object").to_numpy() if name in frame else None
+
+        return cls(
+            observations=list(source.observations),
+            labels=frame[list(source.observations)].to_numpy(dtype=np.float64),
+            views=text_column(VIEW_COLUMN),
+            projections=text_column(PROJECTION_COLUMN),
+            sexes=text_column(SEX_COLUMN),
+            ages=frame[AGE_COLUMN].to_numpy(dtype=np.float64) if AGE_COLUMN in frame else None,
+            report=source.report,
+        )
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.labels)
+
+    def column(self, observation: str) -> np.ndarray:
+        """Raw values of one observation (all NaN when the CSV lacks it)."""
+        if observation not in self.observations:
+            return np.full(self.n_rows, math.nan)
+        return self.labels[:, self.observations.index(observation)]
+
+    def draft(
+        self,
+        row: int,
+        seed_key: str,
+        cfg: GenerateConfig,
+        placeholder_tokens: Mapping[str, str],
+        folder: str | None = None,
+    ) -> _Draft:
+        """The image of source row ``row``: its prompt under the source's uncertainty policy, its sex and age."""
+        values: dict[str, object] = dict(zip(self.observations, self.labels[row], strict=True))
+        values[VIEW_COLUMN] = _text(self.views[row]) if self.views is not None else "Frontal"
+        values[PROJECTION_COLUMN] = _text(self.projections[row]) if self.projections is not None else None
+        parts = parse_prompt(prompt_for_labels(values, policy=cfg.source.uncertainty_policy, identifier=cfg.identifier))
+        token = placeholder_tokens.get(folder or primary_label(parts))
         if token is not None:
             parts = PromptParts(parts.findings, parts.view, parts.projection, token)
-        drafts.append(
-            _Draft(
-                parts,
-                seed_key=f"{MATCH_STREAM}/{number}",
-                sex=(_text(sexes[row]) or BLANK_TEXT) if sexes is not None else BLANK_TEXT,
-                age=float(ages[row]) if ages is not None else math.nan,
-            )
+        return _Draft(
+            parts,
+            seed_key=seed_key,
+            sex=(_text(self.sexes[row]) or BLANK_TEXT) if self.sexes is not None else BLANK_TEXT,
+            age=float(self.ages[row]) if self.ages is not None else math.nan,
+            folder=folder,
         )
-    return drafts, source.report
 
 
 # ---------------------------------------------------------------------------------------------------------------
