@@ -67,6 +67,9 @@ def test_quick_demo_runs_every_stage_and_a_rerun_reuses_them(tmp_path, tiny_mode
     assert (out / "train" / "model" / "model_card.md").is_file()
     synthetic = pd.read_csv(out / "synthetic" / "train.csv")
     assert len(synthetic) == 16 * 6  # quick: 16 images for each of the five labels and No Finding
+    folders = synthetic["Path"].str.split("/").str[1]  # images/<label>/<id>.png; balanced: real rows with the label
+    assert (synthetic.loc[folders == "atelectasis", "Atelectasis"] == 1.0).all()
+    assert synthetic.loc[folders == "atelectasis", ["Cardiomegaly", "Edema", "Pleural Effusion"]].notna().any().any()
     assert (out / "evaluate" / "report.md").is_file() and (out / "evaluate" / "results.csv").is_file()
     for arm in ("Real", "Synthetic"):
         assert any(line.startswith(arm) for line in first.stdout.splitlines()), first.stdout
