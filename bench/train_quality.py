@@ -1,6 +1,7 @@
 """Does the tiny model learn? Train it label-conditionally on the phantom with the demo budget
 (configs/train-tiny-phantom.yaml), generate images prompted with each competition label and with No Finding,
-and score them with a phantom classifier trained on real phantom radiographs.
+and score them with a phantom classifier trained on real phantom radiographs. A label's prompt names what a
+report of it alone would: the label, and Lung Opacity for its children when the model's prompts name it.
 
 Prints one JSON line: per-label AUC of "prompted with X" vs "prompted with No Finding" on the classifier's
 score for X (goal >= 0.8 for each of the competition five), plus the classifier's AUC on held-out real
@@ -23,7 +24,7 @@ from medsd.classifier import auc_per_label, predict_probabilities, train_classif
 from medsd.config import ModelConfig, PhantomConfig, TrainConfig, load_config
 from medsd.labels import COMPETITION_FIVE, NO_FINDING, PROJECTIONS, UncertaintyPolicy, apply_uncertainty_policy
 from medsd.models import load_pipeline
-from medsd.phantom import render_phantom_images
+from medsd.phantom import OPACITY_CHILDREN, render_phantom_images
 from medsd.prompts import PromptParts, format_prompt
 from medsd.ray_session import ensure_ray
 from medsd.sampling import sample_images
@@ -34,6 +35,7 @@ from medsd.train.validation import read_metrics_csv
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train-tiny-phantom.yaml"
 GOAL_AUC = 0.8
 IMAGES_PER_LABEL = 64
+LUNG_OPACITY = "Lung Opacity"
 SAMPLER, SAMPLING_STEPS, GUIDANCE_SCALE = "dpm++", 20, 4.0
 GENERATE_BATCH = 32
 # The judge: a ResNet-18 on real 64 px frontal phantoms (the recipe tests/test_classifier.py checks at AUC >= 0.9).
@@ -62,12 +64,21 @@ def train_judge() -> tuple[object, dict[str, float]]:
     return judge, real_auc
 
 
-def generate(model_dir: Path) -> dict[str, np.ndarray]:
+def prompted_findings(label: str, prompt_labels: list[str] | None) -> tuple[str, ...]:
+    """What a report of ``label`` alone names. The phantom, like CheXpert's labeller, marks Lung Opacity positive
+    with any of its children, so a model whose prompts name Lung Opacity never saw a child without it."""
+    if label == NO_FINDING:
+        return ()
+    names_parent = prompt_labels is None or LUNG_OPACITY in prompt_labels
+    return (LUNG_OPACITY, label) if names_parent and label in OPACITY_CHILDREN else (label,)
+
+
+def generate(model_dir: Path, prompt_labels: list[str] | None) -> dict[str, np.ndarray]:
     """IMAGES_PER_LABEL frontal images per competition label and for No Finding; the same seeds for every label."""
     pipe = load_pipeline(ModelConfig(model=str(model_dir)), sampler=SAMPLER)
     images = {}
     for label in (*COMPETITION_FIVE, NO_FINDING):
-        findings = () if label == NO_FINDING else (label,)
+        findings = prompted_findings(label, prompt_labels)
         # Half AP, half PA, as the phantom's frontal views are.
         prompts = [
             format_prompt(PromptParts(findings, view="Frontal", projection=PROJECTIONS[i % 2]))
@@ -114,7 +125,7 @@ def main() -> None:
     train_seconds = float(read_metrics_csv(result.runs[0].out / METRICS_FILE)[-1]["seconds"])
 
     started = time.perf_counter()
-    images = generate(result.runs[0].model_dir)
+    images = generate(result.runs[0].model_dir, cfg.labels)
     generate_seconds = time.perf_counter() - started
 
     started = time.perf_counter()
