@@ -108,7 +108,8 @@ class DemoConfig(StrictModel):
     )
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model that is fine-tuned")
     labels: list[str] = Field(
-        default_factory=lambda: list(COMPETITION_FIVE), description="labels trained, generated and evaluated"
+        default_factory=lambda: list(COMPETITION_FIVE),
+        description="labels generated, evaluated and drawn in the grid (training prompts name every finding)",
     )
     train_steps: int = Field(3000, ge=1, description="fine-tuning optimizer steps (label-conditional DreamBooth)")
     # Small batches, many steps: at the same images seen, 3000 x 16 beat 1500 x 32 on the phantom (bench/quality.py).
