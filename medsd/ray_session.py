@@ -14,13 +14,17 @@ log = logging.getLogger(__name__)
 MIN_LOCAL_CPUS = 4
 
 
+def will_start_local_ray() -> bool:
+    """Whether :func:`ensure_ray` would start a local Ray: none joined yet and no RAY_ADDRESS to join."""
+    return not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")
+
+
 def ensure_ray() -> None:
     """Join RAY_ADDRESS (set by `ray job submit`) if given, else start a local Ray sized to this machine."""
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if not will_start_local_ray():
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         return
     num_cpus = max(MIN_LOCAL_CPUS, os.cpu_count() or 1)
     # Ray starts its workers at nice 15. They do all of medsd's work, and at nice 15 any other busy program

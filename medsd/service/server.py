@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 
-import ray
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from medsd.config import ServeConfig
-from medsd.ray_session import ensure_ray
+from medsd.ray_session import ensure_ray, will_start_local_ray
 from medsd.service.deployments import build_app
 
 logger = logging.getLogger(__name__)
@@ -28,7 +26,7 @@ def run_server(
 
     HTTP options are fixed when Serve first starts on a cluster: a Serve already running keeps its own.
     """
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if will_start_local_ray():
         # A local Ray is about to start, so no proxy of ours holds the port: if it is taken, say so now,
         # not after Ray's proxy has failed its health checks.
         check_port_free(cfg.host, cfg.port)
