@@ -40,6 +40,11 @@ class DataConfig(StrictModel):
     uncertainty_policy: UncertaintyPolicy = Field(
         UncertaintyPolicy.IGNORE, description="what an uncertain (-1) label means: U-Ignore, U-Zeros or U-Ones"
     )
+    name_uncertain: bool = Field(
+        True,
+        description="prompts word an uncertain (-1) finding 'possible <finding>' (under U-Ones: as present); "
+        "false leaves it unnamed, so an image that may show it is prompted as if it did not",
+    )
     views: list[Literal["Frontal", "Lateral"]] = Field(
         default_factory=lambda: list(VIEWS), description="keep only these Frontal/Lateral views"
     )

@@ -1,7 +1,8 @@
 """Label rows <-> prompt text. The only place a prompt is formatted or parsed.
 
 "a frontal PA chest x-ray showing cardiomegaly and pleural effusion", "a lateral chest x-ray with no
-finding". Deterministic: the same row, policy and identifier always give the same words, with findings
+finding", "a frontal AP chest x-ray showing edema and possible atelectasis" (an uncertain mention, when the
+caller asks for it). Deterministic: the same row, policy and identifier always give the same words, with findings
 in schema order.
 """
 
@@ -26,16 +27,19 @@ from medsd.labels import (
 
 SUBJECT = "chest x-ray"
 NO_FINDING_PHRASE = "with no finding"
+UNCERTAIN_WORD = "possible"  # how reports hedge, and what CheXpert's labeler reads as uncertain (-1)
 
 
 @dataclass(frozen=True)
 class PromptParts:
-    """What a prompt says: the positive findings (schema names), the view and the projection."""
+    """What a prompt says: the positive findings (schema names), the view and the projection, and the
+    findings it names as only possible (uncertain)."""
 
     findings: tuple[str, ...]
     view: str | None = None
     projection: str | None = None
     identifier: str | None = None
+    uncertain: tuple[str, ...] = ()
 
 
 def positive_findings(
@@ -59,6 +63,17 @@ def positive_findings(
     return tuple(present)
 
 
+def uncertain_findings(
+    labels: Mapping[str, float],
+    policy: UncertaintyPolicy | str = UncertaintyPolicy.IGNORE,
+    observations: Sequence[str] = CHEXPERT_OBSERVATIONS,
+) -> tuple[str, ...]:
+    """Observations (schema order) whose label is uncertain (-1) and that U-Ones does not already name."""
+    if UncertaintyPolicy(policy) is UncertaintyPolicy.ONES:
+        return ()
+    return tuple(o for o in observations if o != NO_FINDING and _as_float(labels.get(o)) == UNCERTAIN)
+
+
 def format_prompt(parts: PromptParts) -> str:
     """PromptParts -> text, e.g. 'a sks frontal PA chest x-ray showing edema'."""
     if parts.view is not None and parts.view not in VIEWS:
@@ -76,8 +91,9 @@ def format_prompt(parts: PromptParts) -> str:
         if parts.projection and parts.view == "Frontal":
             words.append(parts.projection)
     words.append(SUBJECT)
-    if parts.findings:
-        words.append("showing " + _join_findings([f.lower() for f in parts.findings]))
+    named = [f.lower() for f in parts.findings] + [f"{UNCERTAIN_WORD} {f.lower()}" for f in parts.uncertain]
+    if named:
+        words.append("showing " + _join_findings(named))
     else:
         words.append(NO_FINDING_PHRASE)
     return " ".join(words)
@@ -90,11 +106,17 @@ def prompt_for_labels(
     identifier: str | None = None,
     observations: Sequence[str] = CHEXPERT_OBSERVATIONS,
     include_view: bool = True,
+    name_uncertain: bool = False,
 ) -> str:
-    """A label row (observation -> raw value, plus optional 'Frontal/Lateral' and 'AP/PA') -> prompt."""
+    """A label row (observation -> raw value, plus optional 'Frontal/Lateral' and 'AP/PA') -> prompt.
+
+    ``name_uncertain``: uncertain findings are worded 'possible <finding>' rather than left unnamed (under
+    U-Ones they are named as present either way).
+    """
     view = _as_text(labels.get(VIEW_COLUMN)) if include_view else None
     projection = _as_text(labels.get(PROJECTION_COLUMN)) if include_view else None
-    parts = PromptParts(positive_findings(labels, policy, observations), view, projection, identifier)
+    uncertain = uncertain_findings(labels, policy, observations) if name_uncertain else ()
+    parts = PromptParts(positive_findings(labels, policy, observations), view, projection, identifier, uncertain)
     return format_prompt(parts)
 
 
@@ -112,13 +134,15 @@ def parse_prompt(prompt: str, observations: Sequence[str] = CHEXPERT_OBSERVATION
         raise ValueError(f"prompt {prompt!r}: not of the form 'a [view] [AP/PA] {SUBJECT} showing ...'")
     by_lower = {o.lower(): o for o in observations}
     findings: list[str] = []
+    uncertain: list[str] = []
     if match["findings"]:
-        for name in re.split(r", | and ", match["findings"]):
+        for phrase in re.split(r", | and ", match["findings"]):
+            name = phrase.removeprefix(UNCERTAIN_WORD + " ")
             if name not in by_lower:
                 raise ValueError(f"prompt {prompt!r}: unknown finding {name!r}")
-            findings.append(by_lower[name])
+            (uncertain if name != phrase else findings).append(by_lower[name])
     view = match["view"].capitalize() if match["view"] else None
-    return PromptParts(tuple(findings), view, match["projection"], match["identifier"])
+    return PromptParts(tuple(findings), view, match["projection"], match["identifier"], tuple(uncertain))
 
 
 def _join_findings(names: list[str]) -> str:

@@ -23,9 +23,9 @@ from medsd.generate.plan import (
     image_id,
     primary_label,
 )
-from medsd.labels import CHEXPERT_OBSERVATIONS, NO_FINDING, PATH_COLUMN, POSITIVE, VIEW_COLUMN
+from medsd.labels import CHEXPERT_OBSERVATIONS, NO_FINDING, PATH_COLUMN, POSITIVE, UNCERTAIN, VIEW_COLUMN
 from medsd.phantom import write_phantom
-from medsd.prompts import PromptParts, parse_prompt, positive_findings
+from medsd.prompts import PromptParts, parse_prompt, positive_findings, uncertain_findings
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_HASH = "0123456789abcdef"
@@ -130,12 +130,17 @@ def test_match_plan_reproduces_source_label_frequencies(phantom_csv):
     plan = build_plan(cfg, MODEL_HASH)
     assert len(plan.rows) == MATCH_IMAGES
     source = pd.read_csv(phantom_csv)
-    source_findings = [positive_findings(row) for row in source.to_dict("records")]
+    source_rows = source.to_dict("records")
+    source_findings = [positive_findings(row) for row in source_rows]
+    source_uncertain = [uncertain_findings(row) for row in source_rows]
     for observation in CHEXPERT_OBSERVATIONS:
-        if observation == NO_FINDING:  # the prompt says "no finding" when it names nothing
-            expected = np.mean([not findings for findings in source_findings])
+        if observation == NO_FINDING:  # the prompt says "no finding" when it names nothing, not even as possible
+            expected = np.mean([not f and not u for f, u in zip(source_findings, source_uncertain, strict=True)])
         else:
             expected = np.mean([observation in findings for findings in source_findings])
+            uncertain_share = np.mean([row[observation] == UNCERTAIN for row in plan.rows])
+            expected_uncertain = np.mean([observation in u for u in source_uncertain])
+            assert uncertain_share == pytest.approx(expected_uncertain, abs=FREQUENCY_TOLERANCE), observation
         assert plan.positive_rates()[observation] == pytest.approx(expected, abs=FREQUENCY_TOLERANCE), observation
     lateral_share = np.mean([row[VIEW_COLUMN] == "Lateral" for row in plan.rows])
     assert lateral_share == pytest.approx(np.mean(source[VIEW_COLUMN] == "Lateral"), abs=FREQUENCY_TOLERANCE)
@@ -190,6 +195,11 @@ def test_balanced_plan_draws_each_label_from_its_positive_source_rows(phantom_cs
         assert findings in source_findings, row[PROMPT]  # every prompt is a real row's combination of findings
         assert row[VIEW_COLUMN] == "Frontal"
     assert all(row["Atelectasis"] == POSITIVE for row in atelectasis)
+    # An uncertain source label is worded "possible ..." and written -1.0 (uncertain), as the source had it.
+    for row in plan.rows:
+        uncertain = tuple(o for o in CHEXPERT_OBSERVATIONS if row[o] == UNCERTAIN)
+        assert parse_prompt(row[PROMPT]).uncertain == uncertain, row[PROMPT]
+    assert any("possible" in row[PROMPT] for row in plan.rows)
     # No Finding rows name no pathology; Support Devices (not a pathology in CheXpert) may come along.
     for row in plan.rows:
         if row[LABEL] == "no-finding":

@@ -36,6 +36,21 @@ def test_uncertain_labels_follow_the_policy():
     assert prompt_for_labels(labels, policy="U-Ones").endswith("showing edema and atelectasis")
 
 
+def test_uncertain_labels_can_be_worded_possible():
+    labels = row(Atelectasis=-1.0, Edema=1.0, Consolidation=-1.0)
+    assert prompt_for_labels(labels, name_uncertain=True).endswith(
+        "showing edema, possible consolidation and possible atelectasis"
+    )
+    # U-Ones already names them as present: no hedging on top.
+    assert prompt_for_labels(labels, policy="U-Ones", name_uncertain=True).endswith(
+        "showing edema, consolidation and atelectasis"
+    )
+    # Only an uncertain mention is not "no finding".
+    assert prompt_for_labels(row(Atelectasis=-1.0), name_uncertain=True) == (
+        "a frontal PA chest x-ray showing possible atelectasis"
+    )
+
+
 def test_identifier_token_and_lateral_drops_projection():
     assert prompt_for_labels(row(view="Lateral", projection="AP", Edema=1.0), identifier="sks") == (
         "a sks lateral chest x-ray showing edema"
@@ -56,6 +71,8 @@ def test_bad_view_is_named():
         PromptParts((), "Lateral"),
         PromptParts(("Edema",), None, None, "sks"),
         PromptParts(("Lung Lesion", "Pneumothorax", "Support Devices"), "Frontal", "AP", "zwx"),
+        PromptParts(("Edema",), "Frontal", "AP", None, ("Consolidation", "Atelectasis")),
+        PromptParts((), "Frontal", None, None, ("Atelectasis",)),
     ],
 )
 def test_parse_inverts_format(parts):

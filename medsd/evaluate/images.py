@@ -92,7 +92,10 @@ def decode_image_set(name: str, cfg: DataConfig, labels: list[str]) -> ImageSet:
         raise ValueError(f"{name}: {cfg.csv} has no decodable images ({labelled.decode_skips().summary()})")
     columns = [PATH_COLUMN, CSV_ROW_COLUMN, *labels] + [c for c in (VIEW_COLUMN, PROJECTION_COLUMN) if c in batches[0]]
     frame = pd.DataFrame({c: np.concatenate([batch[c] for batch in batches]) for c in columns})
-    frame[PROMPT] = [prompt_for_labels(row, observations=labels) for row in frame.to_dict("records")]
+    frame[PROMPT] = [
+        prompt_for_labels(row, policy=cfg.uncertainty_policy, observations=labels, name_uncertain=cfg.name_uncertain)
+        for row in frame.to_dict("records")
+    ]
     frame[GUIDANCE_SCALE] = np.nan
     skips = labelled.report
     skips.merge(labelled.decode_skips())

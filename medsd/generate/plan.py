@@ -13,6 +13,7 @@ can differ by one grey level in a pixel, and a resumed run must reproduce an uni
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ from medsd.labels import (
     POSITIVE,
     PROJECTION_COLUMN,
     SEX_COLUMN,
+    UNCERTAIN,
     VIEW_COLUMN,
     VIEWS,
     label_slug,
@@ -353,10 +355,14 @@ class _SourceRows:
         values: dict[str, object] = dict(zip(self.observations, self.labels[row], strict=True))
         values[VIEW_COLUMN] = _text(self.views[row]) if self.views is not None else "Frontal"
         values[PROJECTION_COLUMN] = _text(self.projections[row]) if self.projections is not None else None
-        parts = parse_prompt(prompt_for_labels(values, policy=cfg.source.uncertainty_policy, identifier=cfg.identifier))
+        source = cfg.source
+        prompt = prompt_for_labels(
+            values, policy=source.uncertainty_policy, identifier=cfg.identifier, name_uncertain=source.name_uncertain
+        )
+        parts = parse_prompt(prompt)
         token = placeholder_tokens.get(folder or primary_label(parts))
         if token is not None:
-            parts = PromptParts(parts.findings, parts.view, parts.projection, token)
+            parts = dataclasses.replace(parts, identifier=token)
         return _Draft(
             parts,
             seed_key=seed_key,
@@ -383,9 +389,9 @@ def _row(
 ) -> dict:
     parts = draft.parts
     identifier = image_id(label, index, guidance_scale)
-    # The label columns say what the prompt asks for: named findings 1.0, No Finding 1.0 when it names none,
-    # everything else blank ("not mentioned"), as a CheXpert report would leave it.
-    named = set(parts.findings) if parts.findings else {NO_FINDING}
+    # The label columns say what the prompt asks for: named findings 1.0, possible ones -1.0 (uncertain), No
+    # Finding 1.0 when it names none, everything else blank ("not mentioned"), as a CheXpert report leaves it.
+    named = set(parts.findings) if parts.findings or parts.uncertain else {NO_FINDING}
     return {
         PLAN_INDEX: plan_index,
         ID: identifier,
@@ -395,7 +401,7 @@ def _row(
         AGE_COLUMN: float(round(draft.age)) if not math.isnan(draft.age) else math.nan,  # whole years, as CheXpert
         VIEW_COLUMN: parts.view,
         PROJECTION_COLUMN: parts.projection or BLANK_TEXT,
-        **{o: POSITIVE if o in named else math.nan for o in CHEXPERT_OBSERVATIONS},
+        **{o: _label_value(o, named, parts.uncertain) for o in CHEXPERT_OBSERVATIONS},
         PROMPT: format_prompt(parts),
         NEGATIVE_PROMPT: cfg.negative_prompt,
         SEED: derive_seed(cfg.seed, draft.seed_key),
@@ -406,6 +412,12 @@ def _row(
         ADAPTER: adapter or BLANK_TEXT,
         SYNTHETIC: True,
     }
+
+
+def _label_value(observation: str, named: set[str], uncertain: tuple[str, ...]) -> float:
+    if observation in named:
+        return POSITIVE
+    return UNCERTAIN if observation in uncertain else math.nan
 
 
 def _cut_shards(rows: list[dict], start: int, stop: int, rows_per_shard: int) -> list[Shard]:

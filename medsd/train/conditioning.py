@@ -89,12 +89,22 @@ def label_words(cfg: TrainConfig, labels: Sequence[str]) -> dict[str, str]:
 
 
 def labels_prompt(row: dict, cfg: TrainConfig, labels: Sequence[str], words: dict[str, str]) -> str:
-    """The prompt of an image's own positive labels (among ``labels``) and view."""
+    """The prompt of an image's own positive (and, if so configured, uncertain) labels among ``labels``, and view."""
     own = prompt_for_labels(
-        row, policy=cfg.data.uncertainty_policy, observations=list(labels), include_view=cfg.include_view
+        row,
+        policy=cfg.data.uncertainty_policy,
+        observations=list(labels),
+        include_view=cfg.include_view,
+        name_uncertain=cfg.data.name_uncertain,
     )
     parts = parse_prompt(own, observations=list(labels))
-    return format_prompt(dataclasses.replace(parts, findings=tuple(words[f] for f in parts.findings)))
+    return format_prompt(
+        dataclasses.replace(
+            parts,
+            findings=tuple(words[f] for f in parts.findings),
+            uncertain=tuple(words[f] for f in parts.uncertain),
+        )
+    )
 
 
 def instance_prompt(row: dict | None, cfg: TrainConfig, label: str, words: dict[str, str], identifier: bool) -> str:

@@ -42,10 +42,20 @@ def test_label_conditional_prompts_name_each_images_own_labels_and_view(make_con
     for row, prompt in zip(frame.to_dict("records"), _prompts(training_set), strict=True):
         parts = parse_prompt(prompt)
         positives = tuple(o for o in ("Cardiomegaly", "Edema", "Pleural Effusion") if row[o] == 1.0)
+        uncertain = tuple(o for o in ("Cardiomegaly", "Edema", "Pleural Effusion") if row[o] == -1.0)
         assert parts.findings == positives, prompt
+        assert parts.uncertain == uncertain, prompt  # "possible edema": the image may show it
         assert parts.view == row["Frontal/Lateral"]
     assert any(" and " in p for p in _prompts(training_set))  # multi-label images name every finding
     assert any(p.startswith("a lateral chest x-ray") for p in _prompts(training_set))
+    assert any("possible" in p for p in _prompts(training_set))
+
+
+def test_uncertain_findings_left_unnamed_when_asked(make_config) -> None:
+    cfg = make_config("labels=[Cardiomegaly, Edema, Pleural Effusion]", "data.name_uncertain=false")
+    prompts = _prompts(build_training_set(cfg, cfg.data))
+    assert not any("possible" in p for p in prompts)
+    assert any("edema" in p for p in prompts)
 
 
 def test_textual_inversion_prompts_name_labels_by_token(make_config) -> None:
