@@ -136,7 +136,7 @@ def train_classifier(
     with torch.random.fork_rng(devices=accelerators, device_type="cuda" if device.type == "cpu" else device.type):
         torch.manual_seed(seed)
         model = build_classifier(targets.shape[1], architecture).to(device)
-        _fit(model, images, targets, mask, epochs, batch_size, learning_rate, seed, device)
+        _fit(model, images, targets, mask, epochs * len(images), batch_size, learning_rate, seed, device)
     return model.eval()
 
 
@@ -145,34 +145,34 @@ def _fit(
     images: np.ndarray,
     targets: np.ndarray,
     mask: np.ndarray,
-    epochs: int,
+    images_to_see: int,
     batch_size: int,
     learning_rate: float,
     seed: int,
     device: torch.device,
 ) -> None:
-    """The loop: shuffle -> augment -> masked BCE -> AdamW step; the learning rate follows a cosine to zero."""
+    """The loop: shuffle -> augment -> masked BCE -> AdamW step, until ``images_to_see`` images have been seen
+    (whole shuffled passes, the last one cut short); the learning rate follows a cosine to zero."""
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.from_numpy(np.ascontiguousarray(images))
     labels = torch.from_numpy(np.asarray(targets, dtype=np.float32))
     keep = torch.from_numpy(np.asarray(mask, dtype=np.float32))
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=WEIGHT_DECAY)
-    steps_per_epoch = math.ceil(len(images) / batch_size)
+    passes = math.ceil(images_to_see / len(images))
+    order = torch.cat([torch.randperm(len(images), generator=generator) for _ in range(passes)])[:images_to_see]
     # Cosine decay: large steps early, a settled model at the end without tuning a step schedule.
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=math.ceil(images_to_see / batch_size))
     model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(images), generator=generator)
-        for start in range(0, len(images), batch_size):
-            index = order[start : start + batch_size]
-            if len(index) < 2:  # BatchNorm cannot normalise a batch of one
-                continue
-            batch = _augment(_to_input(pixels[index], device), generator)  # (B, 1, H, W)
-            loss = _masked_bce(model(batch), labels[index].to(device), keep[index].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+    for start in range(0, images_to_see, batch_size):
+        index = order[start : start + batch_size]
+        if len(index) < 2:  # BatchNorm cannot normalise a batch of one
+            continue
+        batch = _augment(_to_input(pixels[index], device), generator)  # (B, 1, H, W)
+        loss = _masked_bce(model(batch), labels[index].to(device), keep[index].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
 
 
 @torch.no_grad()

@@ -130,8 +130,8 @@ def test_all_arms_and_metrics_run_through_ray_and_write_the_outputs(evaluation):
     assert names == ["real", "synthetic", "mixed", "pretrain_finetune", *sweep]
     real = result.arm("real")
     assert real.images_seen == real.n_train
-    for arm in result.arms:  # the same budget, to whole passes over each stage's set
-        assert abs(arm.images_seen - real.images_seen) <= arm.n_train / 2, arm.plan.name
+    for arm in result.arms:  # the same budget, to the image
+        assert arm.images_seen == real.images_seen, arm.plan.name
     assert real.scores.mean > 0.75  # a small phantom and one epoch; the 0.9 bar is the learnability test's
 
 

@@ -84,7 +84,7 @@ def run_evaluation(cfg: EvaluateConfig) -> EvaluationResult:
     logger.info(
         "training %d classifiers as Ray tasks: %s",
         len(plans),
-        ", ".join(f"{plan.name} ({' then '.join(f'{s.set_name} x{s.epochs}' for s in plan.stages)})" for plan in plans),
+        ", ".join(f"{p.name} ({' then '.join(f'{s.set_name} {s.images}' for s in p.stages)} images)" for p in plans),
     )
     arm_task = ray.remote(num_cpus=cfg.cpus_per_arm, num_gpus=cfg.gpus_per_arm)(train_and_score)
     arm_refs = [
