@@ -77,3 +77,24 @@ def test_too_few_samples_and_foreign_ids_are_errors() -> None:
     stream = BatchStream(_rows(np.arange(12)), sample_ids=np.arange(1, 13), batch_size=4, rank=0, world_size=1, seed=0)
     with pytest.raises(RuntimeError, match="sample id 0 that the plan does not"):
         next(stream.iterate(DataPosition(0, 0)))
+
+
+@pytest.mark.parametrize(("hold_bytes", "expected_reads"), [(1 << 20, 1), (100, 4), (0, 4)])
+def test_a_small_dataset_is_read_once_and_batches_do_not_change(hold_bytes, expected_reads) -> None:
+    ids = np.arange(40)  # 40 x 2 int64 columns = 640 bytes: held under 1 MiB, re-read each epoch under 100 bytes
+    read = _rows(ids)
+    reads = []
+
+    def counting_read():
+        reads.append(1)
+        return read()
+
+    held = BatchStream(counting_read, sample_ids=ids, batch_size=4, rank=1, world_size=2, seed=0, hold_bytes=hold_bytes)
+    plain = _stream(ids, rank=1, world_size=2)
+    epochs = 4 * held.batches_per_epoch  # four epochs
+    batches = itertools.islice(held.iterate(DataPosition(0, 0)), epochs)
+    expected = itertools.islice(plain.iterate(DataPosition(0, 0)), epochs)
+    for a, b in zip(batches, expected, strict=True):
+        np.testing.assert_array_equal(a.rows[SAMPLE_ID], b.rows[SAMPLE_ID])
+        np.testing.assert_array_equal(a.rows["payload"], b.rows[SAMPLE_ID] * 10)
+    assert len(reads) == expected_reads
