@@ -116,7 +116,7 @@ class DemoConfig(StrictModel):
         default_factory=lambda: list(COMPETITION_FIVE),
         description="labels generated, evaluated and drawn in the grid (training prompts name every finding)",
     )
-    train_steps: int = Field(3000, ge=1, description="fine-tuning optimizer steps (label-conditional DreamBooth)")
+    train_steps: int = Field(2000, ge=1, description="fine-tuning optimizer steps (label-conditional DreamBooth)")
     # Small batches, many steps: at the same images seen, 3000 x 16 beat 1500 x 32 on the phantom (bench/quality.py).
     train_batch_size: int = Field(16, ge=1, description="fine-tuning images per step")
     per_label: int = Field(100, ge=1, description="synthetic images per label and for No Finding")

@@ -179,7 +179,7 @@ def build_tokenizer(words: Sequence[str] = PROMPT_WORDS) -> CLIPTokenizer:
 
 # Bump whenever anything below changes what gets built: the cache folder is named after it, so it rebuilds.
 # The phantom's own format version joins it in the folder name (tiny_model_name): its drawings train the VAE.
-TINY_RECIPE_VERSION = "tiny-v1"
+TINY_RECIPE_VERSION = "tiny-v2"
 TINY_IMAGE_SIZE_PX = 64  # pixels; the VAE's 3 downsamplings make 16x16x4 latents
 TEXT_HIDDEN_SIZE = 32  # CLIP width, also the UNet's cross-attention width
 TINY_INIT_SEED = 0  # seeds the random init of text encoder, UNet and VAE
@@ -217,14 +217,18 @@ def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
 
 
 def build_unet() -> UNet2DConditionModel:
-    """The ~1M-parameter UNet verified to learn 16x16x4 phantom latents on 2 CPU cores."""
+    """The ~2.2M-parameter UNet verified to learn 16x16x4 phantom latents on 2 CPU cores.
+
+    Widths 48/96 rather than 32/64: 1.3x the time per step, and in the same training time (2000 steps
+    instead of 3000) bench/quality.py's synthetic-only AUC rose from 0.879 to 0.895.
+    """
     return UNet2DConditionModel(
         sample_size=TINY_IMAGE_SIZE_PX // 4,
         in_channels=4,
         out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
+        block_out_channels=(48, 96),
         layers_per_block=1,
         cross_attention_dim=TEXT_HIDDEN_SIZE,
         attention_head_dim=8,
@@ -411,7 +415,7 @@ A Stable Diffusion pipeline small enough to train and sample on two CPU cores, b
 - Images: {build_info["image_size_px"]} px, grayscale radiographs stored as 3 equal channels in [-1, 1].
 - Tokenizer: byte-level CLIP vocabulary ({build_info["tokenizer"]["vocab_size"]} tokens) with whole-word tokens
   for the words of medsd prompts.
-- Text encoder: 2-layer CLIP, width 32, random and frozen. UNet: ~1M parameters, random (untrained).
+- Text encoder: 2-layer CLIP, width 32, random and frozen. UNet: ~2.2M parameters, random (untrained).
 - VAE: trained {vae["steps"]} steps (batch {vae["batch_size"]}) on {vae["train_images"]} procedural phantom
   radiographs (seed {vae["train_seed"]}); held-out PSNR {vae["heldout_psnr_db"]} dB on {vae["heldout_images"]} images
   (seed {vae["heldout_seed"]}); latent scaling factor {vae["scaling_factor"]:.4f} measured as 1/std of the latents.
