@@ -108,6 +108,8 @@ def test_ids_and_seeds_are_pure_functions():
     assert 0 <= derive_seed(123, "x") < 2**63
     assert primary_label(PromptParts(("Pleural Effusion", "Cardiomegaly"))) == "Cardiomegaly"
     assert primary_label(PromptParts(())) == NO_FINDING
+    assert primary_label(PromptParts((), uncertain=("Atelectasis",))) == "Atelectasis"
+    assert primary_label(PromptParts(("Edema",), uncertain=("Cardiomegaly",))) == "Edema"
 
 
 def test_prompts_plan_parses_labels_from_each_prompt():

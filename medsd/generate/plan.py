@@ -184,10 +184,12 @@ def build_plan(
 
 
 def primary_label(parts: PromptParts) -> str:
-    """The label folder of an image: its first finding in schema order, or No Finding when it names none."""
-    if not parts.findings:
+    """The label folder of an image: its first finding in schema order, else its first possible finding (an
+    image prompted 'possible atelectasis' is not a No Finding image), else No Finding."""
+    named = parts.findings or parts.uncertain
+    if not named:
         return NO_FINDING
-    return min(parts.findings, key=CHEXPERT_OBSERVATIONS.index)
+    return min(named, key=CHEXPERT_OBSERVATIONS.index)
 
 
 def image_id(label: str, index: int, guidance_scale: float) -> str:
