@@ -130,14 +130,13 @@ class BatchStream:
         if self._held is not None:
             yield from self._held
             return
-        held: list[dict[str, np.ndarray]] | None = [] if self.hold_bytes > 0 else None
+        blocks: list[dict[str, np.ndarray]] = []
         size = 0
         for block in self.read_rows():
-            if held is not None:
-                block = {column: np.asarray(values) for column, values in block.items()}
-                size += sum(values.nbytes for values in block.values())
-                held = held if size <= self.hold_bytes else None
-                if held is not None:
-                    held.append(block)
+            block = {column: np.asarray(values) for column, values in block.items()}
+            size += sum(values.nbytes for values in block.values())
+            if size <= self.hold_bytes:  # the running size only grows: once over, no later block is kept
+                blocks.append(block)
             yield block
-        self._held = held
+        if size <= self.hold_bytes:
+            self._held = blocks
