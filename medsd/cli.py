@@ -205,6 +205,25 @@ def evaluate(real_csv, root, synthetic, test_csv, out, config_path, overrides) -
     click.echo(result.summary())
 
 
+@main.command()
+@click.option("--synthetic", type=click.Path(), default=None, help="synthetic dataset folder to curate")
+@click.option("--real", "real_csv", type=click.Path(dir_okay=False), default=None, help="real CSV the judge trains on")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="folder the real CSV's Paths are under")
+@click.option("--out", default=None, help="curated dataset folder, new or empty (default medsd-curated)")
+@CONFIG_OPTION
+@SET_OPTION
+def curate(synthetic, real_csv, root, out, config_path, overrides) -> None:
+    """Keep the synthetic images whose labels a classifier trained on the real images agrees with, as a new
+    dataset folder; curation.csv lists every image's verdict and reason."""
+    from medsd.config import CurateConfig
+    from medsd.curate import run_curation
+
+    flags = {"synthetic": synthetic, "real.csv": real_csv, "real.root": root, "out": out}
+    cfg = _load(CurateConfig, config_path, [*overrides, *_flag_overrides(flags)])
+    result = _run_or_exit(lambda: run_curation(cfg))
+    click.echo(result.summary())
+
+
 def _flag_overrides(flags: dict) -> list[str]:
     """Flags the user gave, as key=value overrides applied after --set (flags win)."""
     return [f"{key}={json.dumps(value)}" for key, value in flags.items() if value is not None]

@@ -7,19 +7,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 from PIL import Image
+from synthetic_folders import write_synthetic_folder
 
 from medsd.config import EvaluateConfig, PhantomConfig, load_config
 from medsd.evaluate import run_evaluation
-from medsd.labels import CHEXPERT, CHEXPERT_OBSERVATIONS, COMPETITION_FIVE, NO_FINDING, PATH_COLUMN, label_slug
+from medsd.labels import COMPETITION_FIVE, PATH_COLUMN
 from medsd.phantom import render_phantom_images, write_phantom
-from medsd.prompts import prompt_for_labels
 
 SMALL_PHANTOM = PhantomConfig(n_images=500, image_size_px=64, seed=0, valid_fraction=0.3, lateral_fraction=0.0)
 # tests/test_classifier.py's learnability recipe (ResNet-18, 2 epochs, batch 16) on 2,200 frontal phantoms
@@ -43,34 +40,6 @@ def local_ray():
     ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-def write_synthetic_folder(out: Path, images: np.ndarray, labels: pd.DataFrame, scales: dict[float, float]) -> Path:
-    """A folder laid out as `medsd generate` writes it (images/<label>/<id>.png, train.csv, data/ parquet with
-    prompt and guidance_scale) from phantom radiographs; ``scales`` maps each guidance scale to a pixel noise
-    level, so one scale can be worse than another."""
-    rng = np.random.default_rng(0)
-    rows = []
-    for scale, noise in scales.items():
-        for index, (pixels, (_, row)) in enumerate(zip(images, labels.iterrows(), strict=True)):
-            positive = [o for o in COMPETITION_FIVE if row[o] == 1.0]
-            label = positive[0] if positive else NO_FINDING
-            path = f"images/{label_slug(label)}/{label_slug(label)}-{index:06d}-g{scale:g}.png"
-            noisy = np.clip(pixels + rng.normal(0.0, noise, pixels.shape), 0, 255).astype(np.uint8)
-            (out / path).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(noisy).save(out / path)
-            values = {o: 1.0 if row[o] == 1.0 else math.nan for o in CHEXPERT_OBSERVATIONS}
-            view = {"Frontal/Lateral": "Frontal", "AP/PA": row["AP/PA"]}
-            prompt = prompt_for_labels({**values, **view})
-            rows.append({PATH_COLUMN: path, "Sex": row["Sex"], "Age": row["Age"], **view, **values,
-                         "prompt": prompt, "guidance_scale": scale, "label": label_slug(label)})  # fmt: skip
-    table = pd.DataFrame(rows)
-    table[list(CHEXPERT.columns)].to_csv(out / "train.csv", index=False)
-    for label, part in table.groupby("label"):
-        (out / "data" / f"label={label}").mkdir(parents=True)
-        parquet = pa.Table.from_pandas(part.drop(columns="label"), preserve_index=False)
-        pq.write_table(parquet, out / "data" / f"label={label}" / "part-0.parquet")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,9 @@ def load_inputs(cfg: EvaluateConfig) -> EvaluationInputs:
         test_data = cfg.real.model_copy(update={"csv": cfg.test_csv, "root": cfg.test_root or cfg.real.root})
         test = decode_image_set("test", test_data, cfg.labels)
     unmeasurable_labels(test)  # raises now, before any training, when no label can be measured
-    folders = [read_synthetic_folder(i, folder, cfg.real, cfg.labels) for i, folder in enumerate(cfg.synthetic)]
+    folders = [
+        read_synthetic_folder(f"synthetic[{i}]", folder, cfg.real, cfg.labels) for i, folder in enumerate(cfg.synthetic)
+    ]
     synthetic = select_guidance(folders[0].images, cfg.guidance_scale)
     logger.info(
         "evaluation sets: %d real training, %d test, %d synthetic (%s) images",

@@ -35,14 +35,13 @@ class SyntheticFolder:
     plan: str | None
 
 
-def read_synthetic_folder(index: int, folder: str, base: DataConfig, labels: list[str]) -> SyntheticFolder:
-    """Decode ``folder`` with ``base``'s policy, views and image size; ValueError naming ``synthetic[index]``
-    for a missing, empty or unfinished folder."""
-    name = f"synthetic[{index}]"
+def read_synthetic_folder(name: str, folder: str, base: DataConfig, labels: list[str]) -> SyntheticFolder:
+    """Decode ``folder`` with ``base``'s policy, views and image size; ValueError naming the set ``name``
+    (e.g. synthetic[0]) for a missing, empty or unfinished folder."""
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"{name}: folder {path} does not exist; expected a `medsd generate` output")
-    manifest = _read_manifest(name, path)
+    manifest = read_manifest_file(name, path)
     if manifest.get("status") not in (None, "complete"):
         raise ValueError(
             f"{name}: {path / MANIFEST} says status={manifest.get('status')!r}: generation did not finish; "
@@ -59,7 +58,8 @@ def read_synthetic_folder(index: int, folder: str, base: DataConfig, labels: lis
     return SyntheticFolder(path, images, made_by, manifest.get("plan", {}).get("kind"))
 
 
-def _read_manifest(name: str, path: Path) -> dict:
+def read_manifest_file(name: str, path: Path) -> dict:
+    """The manifest.json of the dataset folder ``path`` ({} when it has none); ValueError naming ``name`` if broken."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return {}
