@@ -21,3 +21,14 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     cache_dir = os.environ.get(TEST_CACHE_DIR_ENV) or str(tmp_path_factory.mktemp("medsd-cache"))
     return build_or_reuse(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def small_local_ray():
+    """A real local Ray of 4 logical CPUs and a small object store, for one test module (request it with
+    ``pytestmark = pytest.mark.usefixtures("small_local_ray")``)."""
+    import ray
+
+    ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
+    yield
+    ray.shutdown()

@@ -12,7 +12,6 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import ray
 from click.testing import CliRunner
 from synthetic_folders import write_synthetic_folder
 
@@ -20,6 +19,7 @@ from medsd.cli import main
 from medsd.config import CurateConfig, DataConfig, PhantomConfig, load_config
 from medsd.curate import run_curation
 from medsd.curate.verdicts import judge_verdicts
+from medsd.evaluate.report import curation_note
 from medsd.evaluate.synthetic import read_synthetic_folder
 from medsd.labels import PATH_COLUMN
 from medsd.phantom import render_phantom_images, write_phantom
@@ -28,11 +28,7 @@ PHANTOM = PhantomConfig(n_images=600, image_size_px=64, seed=0, valid_fraction=0
 CHECKED = "Cardiomegaly"  # the phantom's clearest sign: a judge learns it from a few hundred images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("small_local_ray")
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +109,12 @@ def test_the_curated_folder_is_a_synthetic_dataset_of_the_kept_images(curated, s
     assert curation["judge"]["file"] == "judge.safetensors" and (out / "judge.safetensors").is_file()
     assert curation["judge"]["real_images"] > 0
 
-    decoded = read_synthetic_folder("curated", str(out), DataConfig(image_size_px=64), [CHECKED]).images
-    assert len(decoded) == len(kept_paths)
+    folder = read_synthetic_folder("curated", str(out), DataConfig(image_size_px=64), [CHECKED])
+    assert len(folder.images) == len(kept_paths)
+    # The evaluation's report says a real-trained judge chose these images.
+    note = curation_note(folder)
+    assert f"kept {len(kept_paths)} of {result.source_images} images of `{source}`" in note
+    assert str(cfg.real.csv) in note
     assert not list(out.parent.glob(f".{out.name}*"))  # no staging or scratch left beside it
 
 

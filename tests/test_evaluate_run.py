@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import ray
 from PIL import Image
 from synthetic_folders import write_synthetic_folder
 
@@ -35,11 +34,7 @@ OUTPUT_FILES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("small_local_ray")
 
 
 @pytest.fixture(scope="module")

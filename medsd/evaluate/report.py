@@ -13,6 +13,7 @@ from medsd.evaluate.arms import REAL, ArmResult
 from medsd.evaluate.auc import paired_difference
 from medsd.evaluate.inputs import EvaluationInputs
 from medsd.evaluate.quality import QualityReport, SetQuality
+from medsd.evaluate.synthetic import SyntheticFolder
 
 RESULTS_COLUMNS = ("section", "name", "label", "metric", "value", "ci_low", "ci_high", "note")
 MEAN = "mean"
@@ -136,11 +137,24 @@ def _sets_lines(cfg: EvaluateConfig, inputs: EvaluationInputs) -> list[str]:
     ]
     for folder in inputs.folders:
         made = f" (plan {folder.plan}, model {folder.model_hash[:12]})" if folder.model_hash else " (no manifest)"
-        lines.append(f"- Synthetic: {len(folder.images)} images in `{folder.path}`{made}.")
+        lines.append(f"- Synthetic: {len(folder.images)} images in `{folder.path}`{made}.{curation_note(folder)}")
     scale = "every guidance scale" if cfg.guidance_scale is None else f"guidance {cfg.guidance_scale:g}"
     lines.append(f"- The arms' synthetic set: {len(inputs.synthetic)} images of folder 0 ({scale}).")
     lines += [f"- Skipped while reading {s.name}: {s.skipped}" for s in (inputs.real, inputs.test) if s.skipped]
     return lines
+
+
+def curation_note(folder: SyntheticFolder) -> str:
+    """Curated sets say so: a real-trained judge chose their images, so no arm on them is free of real data."""
+    if not folder.curation:
+        return ""
+    curation = folder.curation
+    trained_on = curation.get("judge", {}).get("trained_on") or curation.get("judge", {}).get("file")
+    return (
+        f" Curated by `medsd curate`: a judge trained on `{trained_on}` kept {curation.get('kept')} of "
+        f"{curation.get('source_images')} images of `{curation.get('source')}` (threshold "
+        f"{curation.get('threshold')}), so even its synthetic-only arm learned from what real images taught the judge."
+    )
 
 
 def _budget_lines(cfg: EvaluateConfig, arms: list[ArmResult]) -> list[str]:

@@ -33,6 +33,7 @@ class SyntheticFolder:
     images: ImageSet
     model_hash: str | None
     plan: str | None
+    curation: dict | None = None  # the manifest's curation section when `medsd curate` made the folder
 
 
 def read_synthetic_folder(name: str, folder: str, base: DataConfig, labels: list[str]) -> SyntheticFolder:
@@ -55,7 +56,7 @@ def read_synthetic_folder(name: str, folder: str, base: DataConfig, labels: list
     images = decode_image_set(name, base.model_copy(update={"csv": str(csv_path), "root": str(path)}), labels)
     _attach_generation_metadata(name, images, path)
     made_by = manifest.get("model", {}).get("model_hash")
-    return SyntheticFolder(path, images, made_by, manifest.get("plan", {}).get("kind"))
+    return SyntheticFolder(path, images, made_by, manifest.get("plan", {}).get("kind"), manifest.get("curation"))
 
 
 def read_manifest_file(name: str, path: Path) -> dict:
