@@ -775,7 +775,8 @@ class CurateConfig(StrictModel):
     real: DataConfig = Field(
         default_factory=DataConfig,
         description="real images the judge trains on; their uncertainty policy and image size apply to the "
-        "synthetic labels too (leave real.observations unset: `labels` chooses the columns)",
+        "synthetic labels too, their views do not (every synthetic image is judged: train the judge on the views "
+        "the synthetic set has); leave real.observations unset: `labels` chooses the columns",
     )
     labels: list[str] = Field(
         default_factory=lambda: list(COMPETITION_FIVE),

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from medsd.evaluate.synthetic import read_synthetic_folder
 from medsd.labels import PATH_COLUMN
 from medsd.phantom import render_phantom_images, write_phantom
 
+REPO = Path(__file__).resolve().parents[1]
 PHANTOM = PhantomConfig(n_images=600, image_size_px=64, seed=0, valid_fraction=0.1, lateral_fraction=0.0)
 CHECKED = "Cardiomegaly"  # the phantom's clearest sign: a judge learns it from a few hundred images
 
@@ -149,6 +152,10 @@ def test_bad_input_is_named_before_any_training(curated, phantom, synthetic, tmp
         run_curation(curate_config(phantom, synthetic[0], tmp_path / "o1", "labels=[Edema]", reuse))
     with pytest.raises(ValueError, match=r"reads 64 px images; real.image_size_px is 32"):
         run_curation(curate_config(phantom, synthetic[0], tmp_path / "o2", "real.image_size_px=32", reuse))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not weights")
+    with pytest.raises(ValueError, match=r"garbage.safetensors is not a safetensors file"):
+        run_curation(curate_config(phantom, synthetic[0], tmp_path / "o5", f"judge.weights_path={garbage}"))
     with pytest.raises(FileNotFoundError, match=r"synthetic: folder .*nowhere does not exist"):
         run_curation(curate_config(phantom, tmp_path / "nowhere", tmp_path / "o3"))
     empty = tmp_path / "empty"
@@ -156,7 +163,7 @@ def test_bad_input_is_named_before_any_training(curated, phantom, synthetic, tmp
     (empty / "train.csv").write_text((synthetic[0] / "train.csv").read_text().splitlines()[0] + "\n")
     with pytest.raises(ValueError, match=r"synthetic: .*lists no images"):
         run_curation(curate_config(phantom, empty, tmp_path / "o4"))
-    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4"))
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "o4", "o5"))
 
 
 def test_verdicts_check_only_the_labels_the_policy_keeps():
@@ -177,3 +184,11 @@ def test_the_cli_names_a_missing_synthetic_folder_in_one_line(tmp_path):
     assert outcome.exit_code == 2
     assert outcome.output.strip().startswith("error:") and "curate.synthetic: not set" in outcome.output
     assert "Traceback" not in outcome.output
+
+
+def test_the_ray_job_entrypoint_reports_bad_input_as_one_error_line(tmp_path):
+    command = [sys.executable, str(REPO / "jobs" / "curate.py"), "--set", f"real.csv={tmp_path / 'train.csv'}"]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert finished.returncode == 2
+    assert finished.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "curate.synthetic: not set" in finished.stderr and "Traceback" not in finished.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -78,8 +78,8 @@ def load_judge(path: Path, labels: list[str], image_size_px: int) -> Judge:
     try:
         with safe_open(str(path), framework="pt") as weights:
             metadata = weights.metadata() or {}
-            state = {name: weights.get_tensor(name) for name in weights.keys()}  # noqa: SIM118 (not a dict)
-    except Exception as error:  # safetensors raises its own error types for a file that is not its format
+            state = {name: weights.get_tensor(name) for name in weights.keys()}
+    except (SafetensorError, OSError) as error:
         raise ValueError(f"curate.judge.weights_path: {path} is not a safetensors file ({error})") from None
     if "labels" not in metadata:
         raise ValueError(f"curate.judge.weights_path: {path} was not saved by `medsd curate` (no labels in it)")
