@@ -20,15 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from medsd.evaluate.synthetic import MANIFEST, PARQUET_FOLDER, TRAIN_CSV
+from medsd.generate.plan import file_sha256
 from medsd.labels import PATH_COLUMN
 
 CURATION_CSV = "curation.csv"
 IMAGES_FOLDER = "images"
-
-
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def reusable_manifest(out: Path, content: dict[str, Any]) -> dict[str, Any] | None:

@@ -12,11 +12,12 @@ from pathlib import Path
 import ray
 
 from medsd.config import CurateConfig
-from medsd.curate.folder import CURATION_CSV, file_sha256, reusable_manifest, write_curated_folder
+from medsd.curate.folder import CURATION_CSV, reusable_manifest, write_curated_folder
 from medsd.curate.judge import JUDGE_FILE, Judge, judge_probabilities, load_judge, save_judge, train_judge
 from medsd.curate.verdicts import Verdicts, judge_verdicts
 from medsd.evaluate.images import ImageSet, decode_image_set
 from medsd.evaluate.synthetic import TRAIN_CSV, read_manifest_file, read_synthetic_folder
+from medsd.generate.plan import file_sha256
 from medsd.labels import PATH_COLUMN, VIEWS
 from medsd.ray_session import ensure_ray
 

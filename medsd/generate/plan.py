@@ -162,7 +162,7 @@ def build_plan(
     else:
         draw = match_drafts if cfg.plan == "match" else balanced_drafts
         drafts, source_report = draw(cfg, placeholder_tokens)
-        source_sha256 = _file_sha256(Path(cfg.source.csv))
+        source_sha256 = file_sha256(Path(cfg.source.csv))
 
     by_label: dict[str, list[_Draft]] = {}
     for draft in drafts:
@@ -436,7 +436,7 @@ def _text(value: object) -> str | None:
     return str(value)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(1 << 20):
