@@ -16,9 +16,12 @@ def test_an_image_depends_on_its_seed_not_its_batch(pipe):
     together = sample_images(pipe, prompts, [11, 12], steps=2, guidance_scale=3.0)
     alone = sample_images(pipe, prompts[1:], [12], steps=2, guidance_scale=3.0)
     assert together.shape == (2, 64, 64) and together.dtype == np.uint8
-    np.testing.assert_array_equal(together[1], alone[0])
+    # The module's promise: a batch of another size may move a few pixels by one grey level (kernels are
+    # chosen by batch shape; CI once saw 1 of 4096), never more; another seed is another image.
+    batch_difference = np.abs(together[1].astype(int) - alone[0].astype(int))
+    assert batch_difference.max() <= 1 and np.count_nonzero(batch_difference) <= 0.01 * batch_difference.size
     other_seed = sample_images(pipe, prompts[1:], [13], steps=2, guidance_scale=3.0)
-    assert not np.array_equal(other_seed[0], alone[0])
+    assert np.abs(other_seed[0].astype(int) - alone[0].astype(int)).max() > 1
 
 
 def test_a_large_batch_changes_an_image_by_rounding_at_most(pipe):
