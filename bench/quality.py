@@ -4,7 +4,11 @@ per-label set (each competition label and No Finding, `plan: balanced`: prompts 
 rows positive for the label, so co-occurring findings come along) with `medsd generate`, curate it with
 `medsd curate` (a classifier trained on the real phantom sets aside the images whose labels it contradicts),
 then `medsd evaluate` the set as generated and as curated against classifiers trained on the real phantom,
-all tested on the phantom's held-out patients.
+all tested on the phantom's held-out patients. With --scarce-real-images N, also the curated set where real
+labels are scarce: the real, real + synthetic and pre-training arms get N of the real training images, with as
+many passes as keep the images seen (the generator and the judge learned from all of them, as a model trained
+where labels are plentiful would serve a site where they are not). It adds about 4 minutes, off by default
+to keep the bench under 30.
 
 Why not single-finding prompts per label: the phantom's findings co-occur as CheXpert's do (atelectasis is
 never the only finding), and a classifier trained on images that show exactly one finding learns that
@@ -13,10 +17,12 @@ effusion means "not atelectasis" (measured with the same model: synthetic-only m
 
 Goals: synthetic-only mean AUC >= 0.9 x real-only with no label below 0.6, and real + synthetic >= real-only;
 checked for the set as generated ("passed") and as curated ("curated_passed"). The curated synthetic-only arm
-is not "never saw a real image": its images were chosen by a judge trained on real ones.
+is not "never saw a real image": its images were chosen by a judge trained on real ones. The scarce-label
+figures ("scarce_*") carry no goal: they ask whether synthetic images add what a few real ones lack.
 Prints per-label AUC for each arm, then one JSON line.
 
-    python bench/quality.py [--out DIR] [--per-label 100] [--set key=value ...  (EvaluateConfig overrides)]
+    python bench/quality.py [--out DIR] [--per-label 100] [--scarce-real-images N]
+                            [--set key=value ...  (EvaluateConfig overrides)]
 
 A rerun resumes training and generation and reuses the curation from what the first run left in --out.
 """
@@ -47,13 +53,17 @@ GOAL_SYNTHETIC_RATIO, GOAL_MIN_LABEL_AUC = 0.9, 0.6
 GENERATE = ["steps=20", "sampler=dpm++", "guidance_scales=[3.0]", "batch_size=16", "num_actors=1",
             "cpus_per_actor=2", "seed=0"]  # fmt: skip
 # Classifiers: three passes over the real frontal phantoms per arm, one arm per core at a time.
-EVALUATE = ["epochs=3", "batch_size=16", "learning_rate=1e-3", "bootstrap_samples=1000", "cpus_per_arm=1"]
+EPOCHS = 3
+EVALUATE = [f"epochs={EPOCHS}", "batch_size=16", "learning_rate=1e-3", "bootstrap_samples=1000", "cpus_per_arm=1"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench-out/quality", help="folder for the model, dataset and report")
     parser.add_argument("--per-label", type=int, default=100, help="synthetic images per label (and No Finding)")
+    parser.add_argument(
+        "--scarce-real-images", type=int, default=0, metavar="N", help="also evaluate with N real images (0: off)"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -96,20 +106,27 @@ def main() -> None:
 
     # 4. The evaluations, as generated and as curated: real phantom train split vs synthetic, tested on the
     #    held-out phantom patients (the same seeds, so the real arm is the same classifier in both).
-    results = {}
-    evaluate_seconds = {}
-    for name in ("synthetic", "curated"):
+    #    With --scarce-real-images, the curated set again with a seeded subsample of the real training images.
+    results, configs, evaluate_seconds = {}, {}, {}
+
+    def evaluate(name: str, folder: str, variant: list[str]) -> None:
         mark = time.perf_counter()
         evaluate_cfg = load_config(
             EvaluateConfig,
             None,
             [f"out={out / 'evaluate' / name}", f"test_csv={phantom / 'valid.csv'}", *real_data,
-             f"synthetic=[{out / name}]", f"labels={labels}", *EVALUATE, *args.overrides],
+             f"synthetic=[{out / folder}]", f"labels={labels}", *EVALUATE, *variant, *args.overrides],
         )  # fmt: skip
-        results[name] = run_evaluation(evaluate_cfg)
-        confidence = evaluate_cfg.confidence
+        results[name], configs[name] = run_evaluation(evaluate_cfg), evaluate_cfg
         evaluate_seconds[name] = time.perf_counter() - mark
         print(f"{name}:\n{results[name].auc_table_text()}")
+
+    evaluate("synthetic", "synthetic", [])
+    evaluate("curated", "curated", [])
+    if args.scarce_real_images:
+        all_real = results["synthetic"].arm("real").n_train
+        evaluate("scarce", "curated", scarce_overrides(args.scarce_real_images, all_real))
+    confidence = configs["synthetic"].confidence
 
     timings = {
         "train_seconds": round(train_seconds, 1),
@@ -127,9 +144,17 @@ def main() -> None:
     curated_figures = {f"curated_{key}": value for key, value in goal_figures(results["curated"], confidence).items()}
     curated_figures["curated_auc"] = auc_figures(results["curated"])
     curated_figures["curated_rejected_per_label"] = curated.manifest["curation"]["rejected_per_label"]
+    scarce_figures = scarce_labels_figures(results["scarce"], confidence) if "scarce" in results else {}
     print(
         json.dumps(
-            {"bench": "quality", **figures(results["synthetic"], confidence), **curated_figures, **sizes, **timings}
+            {
+                "bench": "quality",
+                **figures(results["synthetic"], confidence),
+                **curated_figures,
+                **scarce_figures,
+                **sizes,
+                **timings,
+            }
         )
     )
 
@@ -158,6 +183,23 @@ def goal_figures(result, confidence: float) -> dict:
             "mixed_minus_real": difference >= 0.0,
         },
     }
+
+
+def scarce_overrides(real_images: int, all_real_images: int) -> list[str]:
+    """Evaluate overrides for ``real_images`` real images: as many passes as keep the images seen."""
+    epochs = max(1, round(EPOCHS * all_real_images / real_images))
+    return [f"real_max_images={real_images}", f"epochs={epochs}", "arms=[real,mixed,pretrain_finetune]"]
+
+
+def scarce_labels_figures(result, confidence: float) -> dict:
+    """Where real labels are scarce: AUCs, and real + synthetic and pre-training minus real with paired intervals."""
+    real = result.arm("real").scores
+    found = {"scarce_real_images": result.arm("real").n_train, "scarce_auc": auc_figures(result)}
+    for arm in ("mixed", "pretrain_finetune"):
+        difference, interval = paired_difference(result.arm(arm).scores, real, confidence)
+        found[f"scarce_{arm}_minus_real"] = round(difference, 3)
+        found[f"scarce_{arm}_minus_real_interval"] = [round(v, 3) for v in interval]
+    return found
 
 
 def figures(result, confidence: float) -> dict:

@@ -647,6 +647,12 @@ class EvaluateConfig(StrictModel):
         description="with several synthetic folders or guidance scales, also train a synthetic-only arm on each",
     )
     equal_size: bool = Field(False, description="subsample each synthetic training set to the real image count")
+    real_max_images: int | None = Field(
+        None,
+        ge=2,
+        description="train on a seeded subsample of at most this many real images (where real labels are scarce); "
+        "the budget is epochs x the images kept; None: every real training image",
+    )
     architecture: Literal["resnet18", "resnet50"] = Field("resnet18", description="torchvision ResNet, 1-channel")
     weights_path: str | None = Field(
         None, description="starting weights of every arm (a local state_dict file); None: random initialisation"

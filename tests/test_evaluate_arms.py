@@ -22,7 +22,7 @@ from medsd.evaluate.arms import (
     untrainable_labels,
 )
 from medsd.evaluate.images import GUIDANCE_SCALE, PROMPT, ImageSet
-from medsd.evaluate.inputs import EvaluationInputs, hold_out_patients, unmeasurable_labels
+from medsd.evaluate.inputs import EvaluationInputs, hold_out_patients, subsample, unmeasurable_labels
 from medsd.evaluate.synthetic import SyntheticFolder, primary_variant, select_guidance, split_variants
 from medsd.labels import PATH_COLUMN
 
@@ -155,6 +155,25 @@ def test_held_out_patients_stay_together_and_are_seeded():
     assert not patient(train) & patient(test)
     assert hold_out_patients(images, 0.25, seed=0)[1].frame.equals(test.frame)
     assert not hold_out_patients(images, 0.25, seed=1)[1].frame.equals(test.frame)
+
+
+def test_scarce_real_labels_are_a_seeded_subsample_in_the_original_order():
+    images = image_set("real", 40, 0)
+    images.frame[PATH_COLUMN] = [f"image{i}.png" for i in range(40)]  # one name per image, to find each again
+    kept = subsample(images, 10, seed=0)
+    paths = list(images.frame[PATH_COLUMN])
+    positions = [paths.index(path) for path in kept.frame[PATH_COLUMN]]
+    assert len(kept) == 10 and positions == sorted(set(positions))
+    assert np.array_equal(kept.images, images.images[positions]) and np.array_equal(
+        kept.targets, images.targets[positions]
+    )
+    assert subsample(images, 10, seed=0).frame.equals(kept.frame)
+    assert not subsample(images, 10, seed=1).frame.equals(kept.frame)
+    assert subsample(images, 40, seed=0) is images  # nothing to drop
+    plan = plan_arms(config(epochs=4), {REAL: kept, SYNTHETIC: images, MIXED: images})
+    assert {images_seen(arm, None) for arm in plan} == {40}  # the budget follows the images kept
+    with pytest.raises(ValueError, match="real_max_images"):
+        config(real_max_images=1)
 
 
 def test_variants_are_one_per_folder_and_guidance_scale():

@@ -173,3 +173,25 @@ def test_the_real_arm_learns_the_competition_five(tmp_path, synthetic_folders):
     aucs = result.arm("real").scores.aucs
     print("real arm AUC:", {label: round(value, 3) for label, value in aucs.items()})
     assert all(aucs[label] >= LEARNABILITY_AUC for label in COMPETITION_FIVE), aucs
+
+
+def test_scarce_real_labels_train_every_arm_on_the_subsample_budget(tmp_path, phantom, synthetic_folders):
+    overrides = [
+        f"real.csv={phantom / 'train.csv'}",
+        "real.views=[Frontal]",
+        f"test_csv={phantom / 'valid.csv'}",
+        f"synthetic=[{synthetic_folders[0]}]",
+        "guidance_scale=6.0",
+        f"out={tmp_path / 'out'}",
+        "real_max_images=40",
+        "epochs=2",
+        "arms=[real,mixed]",
+        "bootstrap_samples=0",
+        "cpus_per_arm=2",
+    ]
+    result = run_evaluation(load_config(EvaluateConfig, None, overrides))
+    real, mixed = result.arm("real"), result.arm("mixed")
+    at_guidance_6 = len(pd.read_csv(synthetic_folders[0] / "train.csv")) // 2  # the folder's two scales
+    assert real.n_train == 40 and mixed.n_train == 40 + at_guidance_6
+    assert real.images_seen == mixed.images_seen == 80
+    assert "a seeded subsample of at most 40 (real_max_images)" in (result.out / "report.md").read_text()

@@ -48,6 +48,8 @@ def load_inputs(cfg: EvaluateConfig) -> EvaluationInputs:
         test_data = cfg.real.model_copy(update={"csv": cfg.test_csv, "root": cfg.test_root or cfg.real.root})
         test = decode_image_set("test", test_data, cfg.labels)
     unmeasurable_labels(test)  # raises now, before any training, when no label can be measured
+    if cfg.real_max_images is not None:
+        real = subsample(real, cfg.real_max_images, cfg.seed)
     folders = [
         read_synthetic_folder(f"synthetic[{i}]", folder, cfg.real, cfg.labels) for i, folder in enumerate(cfg.synthetic)
     ]
@@ -74,6 +76,15 @@ def hold_out_patients(images: ImageSet, fraction: float, seed: int) -> tuple[Ima
         raise ValueError(f"real: {len(images)} images of one patient cannot be split; pass --test CSV")
     held = np.isin(groups, rng.choice(names, size=n_test, replace=False))
     return images.subset(~held, name="real"), images.subset(held, name="test (held-out real patients)")
+
+
+def subsample(images: ImageSet, max_images: int, seed: int) -> ImageSet:
+    """A seeded subsample of at most ``max_images`` of ``images``, kept in their original order."""
+    if len(images) <= max_images:
+        return images
+    kept = np.sort(np.random.default_rng([seed, max_images]).choice(len(images), size=max_images, replace=False))
+    logger.info("real training images: a seeded subsample of %d of %d (real_max_images)", max_images, len(images))
+    return images.subset(kept)
 
 
 def unmeasurable_labels(test: ImageSet) -> dict[str, str]:

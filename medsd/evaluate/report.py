@@ -162,8 +162,14 @@ def _budget_lines(cfg: EvaluateConfig, arms: list[ArmResult]) -> list[str]:
     seen = ", ".join(f"{arm.plan.name} {arm.images_seen}" for arm in arms)
     return [
         f"Classifier: {cfg.architecture}, {start}, seed {cfg.seed}, batch {cfg.batch_size}, learning rate "
-        f"{cfg.learning_rate:g}; the same budget per arm (epochs={cfg.epochs} over the real images, in whole passes), "
-        f"images seen: {seen}." + (" Synthetic sets subsampled to the real count." if cfg.equal_size else ""),
+        f"{cfg.learning_rate:g}; the same budget per arm (epochs={cfg.epochs} over the real images, the last pass cut "
+        f"short), images seen: {seen}."
+        + (" Synthetic sets subsampled to the real count." if cfg.equal_size else "")
+        + (
+            f" Real training images: a seeded subsample of at most {cfg.real_max_images} (real_max_images)."
+            if cfg.real_max_images is not None
+            else ""
+        ),
     ]
 
 
