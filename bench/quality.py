@@ -7,8 +7,8 @@ then `medsd evaluate` the set as generated and as curated against classifiers tr
 all tested on the phantom's held-out patients. With --scarce-real-images N, also the curated set where real
 labels are scarce: the real, real + synthetic and pre-training arms get N of the real training images, with as
 many passes as keep the images seen (the generator and the judge learned from all of them, as a model trained
-where labels are plentiful would serve a site where they are not). It adds about 4 minutes, off by default
-to keep the bench under 30.
+where labels are plentiful would serve a site where they are not). It adds about 3 minutes at N=50, off by
+default to keep the bench under 30.
 
 Why not single-finding prompts per label: the phantom's findings co-occur as CheXpert's do (atelectasis is
 never the only finding), and a classifier trained on images that show exactly one finding learns that

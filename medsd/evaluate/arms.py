@@ -75,7 +75,7 @@ def training_sets(cfg: EvaluateConfig, inputs: EvaluationInputs) -> dict[str, Im
     def sized(images: ImageSet) -> ImageSet:
         if not cfg.equal_size or len(images) <= len(inputs.real):
             return images
-        return images.subset(np.sort(rng.choice(len(images), size=len(inputs.real), replace=False)))
+        return images.sample(len(inputs.real), rng)
 
     synthetic = sized(inputs.synthetic)
     sets = {REAL: inputs.real, SYNTHETIC: synthetic, MIXED: ImageSet.concatenate(MIXED, [inputs.real, synthetic])}

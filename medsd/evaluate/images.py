@@ -55,6 +55,10 @@ class ImageSet:
             self.skipped,
         )
 
+    def sample(self, size: int, rng: np.random.Generator) -> ImageSet:
+        """``size`` rows drawn without replacement by ``rng``, kept in their original order."""
+        return self.subset(np.sort(rng.choice(len(self), size=size, replace=False)))
+
     def class_counts(self) -> tuple[np.ndarray, np.ndarray]:
         """(positives, negatives) per label among the entries the mask keeps, each (L,) int."""
         kept = self.mask > 0

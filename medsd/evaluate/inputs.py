@@ -82,9 +82,8 @@ def subsample(images: ImageSet, max_images: int, seed: int) -> ImageSet:
     """A seeded subsample of at most ``max_images`` of ``images``, kept in their original order."""
     if len(images) <= max_images:
         return images
-    kept = np.sort(np.random.default_rng([seed, max_images]).choice(len(images), size=max_images, replace=False))
     logger.info("real training images: a seeded subsample of %d of %d (real_max_images)", max_images, len(images))
-    return images.subset(kept)
+    return images.sample(max_images, np.random.default_rng([seed, max_images]))
 
 
 def unmeasurable_labels(test: ImageSet) -> dict[str, str]:

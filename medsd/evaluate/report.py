@@ -160,17 +160,16 @@ def curation_note(folder: SyntheticFolder) -> str:
 def _budget_lines(cfg: EvaluateConfig, arms: list[ArmResult]) -> list[str]:
     start = f"weights from `{cfg.weights_path}`" if cfg.weights_path else "random initialisation"
     seen = ", ".join(f"{arm.plan.name} {arm.images_seen}" for arm in arms)
-    return [
+    line = (
         f"Classifier: {cfg.architecture}, {start}, seed {cfg.seed}, batch {cfg.batch_size}, learning rate "
         f"{cfg.learning_rate:g}; the same budget per arm (epochs={cfg.epochs} over the real images, the last pass cut "
         f"short), images seen: {seen}."
-        + (" Synthetic sets subsampled to the real count." if cfg.equal_size else "")
-        + (
-            f" Real training images: a seeded subsample of at most {cfg.real_max_images} (real_max_images)."
-            if cfg.real_max_images is not None
-            else ""
-        ),
-    ]
+    )
+    if cfg.equal_size:
+        line += " Synthetic sets subsampled to the real count."
+    if cfg.real_max_images is not None:
+        line += f" Real training images: a seeded subsample of at most {cfg.real_max_images} (real_max_images)."
+    return [line]
 
 
 def _nan_lines(arms: list[ArmResult]) -> list[str]:
